@@ -1,0 +1,137 @@
+// pykvshm._core: the C++ core as a Python extension.  Users import pykvshm, not this.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstddef>
+
+#include "bindings.h"
+#include "pykvshm/crc32c.h"
+#include "pykvshm/errors.h"
+#include "pykvshm/layout.h"
+#include "pykvshm/pool.h"
+#include "pykvshm/visibility.h"
+
+namespace py = pybind11;
+
+namespace pykvshm::bindings {
+
+void register_errors(py::module_& m) {
+  (void)m;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      const char* name = "PoolError";
+      switch (e.code()) {
+        case ErrorCode::kExists: name = "PoolExistsError"; break;
+        case ErrorCode::kNotFound: name = "PoolNotFoundError"; break;
+        case ErrorCode::kFull: name = "PoolFullError"; break;
+        case ErrorCode::kLayoutMismatch: name = "LayoutMismatchError"; break;
+        case ErrorCode::kGeometry: name = "GeometryMismatchError"; break;
+        case ErrorCode::kCorrupt: name = "CorruptPoolError"; break;
+        case ErrorCode::kInitializing: name = "PoolInitializingError"; break;
+        case ErrorCode::kInvalidName: name = "InvalidNameError"; break;
+        case ErrorCode::kInvalidHandle: name = "InvalidHandleError"; break;
+        case ErrorCode::kStaleHandle: name = "StaleHandleError"; break;
+        case ErrorCode::kDoubleFree: name = "DoubleFreeError"; break;
+        case ErrorCode::kMembersFull: name = "MembersFullError"; break;
+        case ErrorCode::kPlacement: name = "PlacementError"; break;
+        case ErrorCode::kChecksum: name = "ChecksumError"; break;
+        case ErrorCode::kClosed: name = "PoolClosedError"; break;
+        case ErrorCode::kForked: name = "ForkedHandleError"; break;
+        case ErrorCode::kPool: break;
+      }
+      py::object cls = py::module_::import("pykvshm.errors").attr(name);
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+}
+
+}  // namespace pykvshm::bindings
+
+namespace {
+
+py::dict layout_info() {
+  using namespace pykvshm::layout;
+  py::dict d;
+  d["layout_version"] = kLayoutVersion;
+  d["page_bytes"] = kPageBytes;
+  d["data_align"] = kDataAlign;
+  d["block_align"] = kBlockAlign;
+  d["max_members"] = kMaxMembers;
+  d["index_probe_limit"] = kIndexProbeLimit;
+  d["max_blocks"] = kMaxBlocks;
+  d["sizeof_superblock"] = sizeof(Superblock);
+  d["sizeof_control"] = sizeof(Control);
+  d["sizeof_member_slot"] = sizeof(MemberSlot);
+  d["sizeof_block_desc"] = sizeof(BlockDesc);
+  d["sizeof_geometry"] = sizeof(Geometry);
+  py::dict off;
+  off["superblock.layout_version"] = offsetof(Superblock, layout_version);
+  off["superblock.header_bytes"] = offsetof(Superblock, header_bytes);
+  off["superblock.uuid"] = offsetof(Superblock, uuid);
+  off["superblock.total_bytes"] = offsetof(Superblock, total_bytes);
+  off["superblock.created_ns"] = offsetof(Superblock, created_ns);
+  off["superblock.creator_pid"] = offsetof(Superblock, creator_pid);
+  off["superblock.coherence"] = offsetof(Superblock, coherence);
+  off["superblock.flags"] = offsetof(Superblock, flags);
+  off["superblock.max_members"] = offsetof(Superblock, max_members);
+  off["superblock.geometry"] = offsetof(Superblock, geometry);
+  off["superblock.num_blocks"] = offsetof(Superblock, num_blocks);
+  off["superblock.index_slots"] = offsetof(Superblock, index_slots);
+  off["superblock.index_probe_limit"] = offsetof(Superblock, index_probe_limit);
+  off["superblock.regions"] = offsetof(Superblock, regions);
+  off["superblock.reserved"] = offsetof(Superblock, reserved);
+  off["superblock.checksum"] = offsetof(Superblock, checksum);
+  off["geometry.block_bytes"] = offsetof(Geometry, block_bytes);
+  off["geometry.block_stride"] = offsetof(Geometry, block_stride);
+  off["control.free_hint"] = offsetof(Control, free_hint);
+  off["control.clock_hand"] = offsetof(Control, clock_hand);
+  off["control.attach_seq"] = offsetof(Control, attach_seq);
+  off["control.retired"] = offsetof(Control, retired);
+  off["member.ctl"] = offsetof(MemberSlot, ctl);
+  off["member.start_time"] = offsetof(MemberSlot, start_time);
+  off["member.host_id"] = offsetof(MemberSlot, host_id);
+  off["member.heartbeat_ns"] = offsetof(MemberSlot, heartbeat_ns);
+  off["member.attach_ns"] = offsetof(MemberSlot, attach_ns);
+  off["member.counters"] = offsetof(MemberSlot, counters);
+  off["desc.pin_mask"] = offsetof(BlockDesc, pin_mask);
+  off["desc.key"] = offsetof(BlockDesc, key);
+  off["desc.crc"] = offsetof(BlockDesc, crc);
+  off["desc.desc_flags"] = offsetof(BlockDesc, desc_flags);
+  d["offsets"] = off;
+  py::dict regions;
+  regions["control"] = int(kRegionControl);
+  regions["members"] = int(kRegionMembers);
+  regions["states"] = int(kRegionStates);
+  regions["descriptors"] = int(kRegionDescriptors);
+  regions["index"] = int(kRegionIndex);
+  regions["reserved"] = int(kRegionReserved);
+  regions["data"] = int(kRegionData);
+  d["regions"] = regions;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pykvshm C++ core (private: use the pykvshm package)";
+  pykvshm::bindings::register_errors(m);
+  pykvshm::bindings::register_pool(m);
+  m.def("layout_info", &layout_info, "Sizes and offsets of the on-media layout");
+  m.def("crc32c", [](py::buffer b, uint32_t crc) {
+    py::buffer_info info = b.request();
+    return pykvshm::crc32c(info.ptr, size_t(info.size * info.itemsize), crc);
+  }, py::arg("data"), py::arg("crc") = 0);
+  m.def("crc32c_hardware", &pykvshm::crc32c_hardware_available);
+  m.def("flush_instruction", [] { return std::string(pykvshm::visibility::name(pykvshm::visibility::detected_flush())); });
+  m.def("invalidate_instruction", [] { return std::string(pykvshm::visibility::name(pykvshm::visibility::detected_invalidate())); });
+  m.def("lines_flushed", &pykvshm::visibility::lines_flushed);
+  m.def("lines_invalidated", &pykvshm::visibility::lines_invalidated);
+  m.def("process_start_time", &pykvshm::process_start_time);
+  m.def("local_host_id", &pykvshm::local_host_id);
+  m.def("validate_superblock", [](py::bytes data, uint64_t file_size, const std::string& name) {
+    std::string s = data;
+    pykvshm::validate_superblock(reinterpret_cast<const uint8_t*>(s.data()), s.size(), file_size, name);
+  });
+}

@@ -1,0 +1,41 @@
+// Errors raised by the core.  Each code maps to one exception class of
+// pykvshm.errors (see cpp/bindings/module.cpp); messages name the problem.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace pykvshm {
+
+enum class ErrorCode {
+  kPool,            // PoolError: anything else
+  kExists,          // PoolExistsError
+  kNotFound,        // PoolNotFoundError
+  kFull,            // PoolFullError
+  kLayoutMismatch,  // LayoutMismatchError: other layout version
+  kGeometry,        // GeometryMismatchError: other KV geometry
+  kCorrupt,         // CorruptPoolError: foreign, truncated or damaged
+  kInitializing,    // PoolInitializingError: creator has not finished
+  kInvalidName,     // InvalidNameError
+  kInvalidHandle,   // InvalidHandleError: out of range / foreign / not owned
+  kStaleHandle,     // StaleHandleError: generation moved on
+  kDoubleFree,      // DoubleFreeError
+  kMembersFull,     // MembersFullError
+  kPlacement,       // PlacementError: NUMA node / huge pages unavailable
+  kChecksum,        // ChecksumError: block bytes do not match their checksum
+  kClosed,          // PoolClosedError
+  kForked,          // ForkedHandleError
+};
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& what) : std::runtime_error(what), code_(code) {}
+  ErrorCode code() const noexcept { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+[[noreturn]] inline void raise(ErrorCode code, const std::string& what) { throw Error(code, what); }
+
+}  // namespace pykvshm

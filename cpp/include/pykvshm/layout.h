@@ -1,0 +1,170 @@
+// On-media layout of a pykvshm pool, layout version 1.
+//
+// Everything here is addressed by byte offset from the start of the mapping or by
+// block index; nothing stores a pointer.  docs/design/layout.md draws the picture;
+// tests/test_layout.py and cpp/tests/test_layout.cpp pin every size and offset, so
+// a change here without a version bump fails CI with "bump the layout version".
+//
+//   0        Superblock            (4 KiB page, read-mostly, checksummed)
+//   4 KiB    Control               (4 KiB: hot shared counters, one per 128-byte pair of lines)
+//   8 KiB    Member table          (kMaxMembers x 256 B)
+//   ...      Block states          (num_blocks x 8 B, dense so allocation scans are cheap)
+//   ...      Block descriptors     (num_blocks x 64 B: pin mask, key, checksum)
+//   ...      Prefix index          (index_slots x 8 B, open addressing)
+//   ...      Data                  (2 MiB aligned; num_blocks x block_stride)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "pykvshm/atomic.h"
+
+namespace pykvshm::layout {
+
+inline constexpr char kMagic[8] = {'P', 'Y', 'K', 'V', 'S', 'H', 'M', '\0'};
+inline constexpr uint32_t kLayoutVersion = 1;
+inline constexpr uint64_t kPageBytes = 4096;
+inline constexpr uint64_t kDataAlign = 2ull << 20;  // 2 MiB: huge pages, device DAX, DMA
+inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a cache line
+inline constexpr uint32_t kMaxMembers = 128;        // attached pool handles at once
+inline constexpr uint32_t kIndexProbeLimit = 64;    // bounded probing, never an unbounded loop
+inline constexpr uint64_t kMaxBlocks = (1ull << 28) - 1;  // index entries hold a 28-bit index
+
+enum class Coherence : uint32_t { kCoherent = 0, kNoncoherent = 1 };
+inline constexpr uint32_t kFlagBlockChecksums = 1u << 0;
+
+enum Region : uint32_t {
+  kRegionControl = 0,
+  kRegionMembers = 1,
+  kRegionStates = 2,
+  kRegionDescriptors = 3,
+  kRegionIndex = 4,
+  kRegionReserved = 5,  // room for a later layout (transfer channels); size 0 in v1
+  kRegionData = 6,
+  kRegionCount = 7,
+};
+
+struct RegionDesc {
+  uint64_t offset;
+  uint64_t size;
+};
+static_assert(sizeof(RegionDesc) == 16);
+
+struct Geometry {
+  uint32_t num_layers;
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  uint32_t block_tokens;
+  uint32_t dtype_code;  // see DType in the Python layer: a stable small integer
+  uint32_t dtype_size;
+  uint64_t block_bytes;   // layers * 2 * block_tokens * kv_heads * head_dim * dtype_size
+  uint64_t block_stride;  // block_bytes rounded up to kBlockAlign
+};
+static_assert(sizeof(Geometry) == 40);
+
+// The superblock: written once by the creator, then read-only.  `layout_version`
+// is stored last with release order; 0 means "still initialising".
+struct Superblock {
+  char magic[8];                 // 0
+  Atomic32 layout_version;       // 8   written last; excluded from the checksum
+  uint32_t header_bytes;         // 12  sizeof(Superblock)
+  uint8_t uuid[16];              // 16
+  uint64_t total_bytes;          // 32  the whole mapping
+  uint64_t created_ns;           // 40  CLOCK_REALTIME at creation
+  uint32_t creator_pid;          // 48
+  uint32_t coherence;            // 52  Coherence
+  uint32_t flags;                // 56  kFlag*
+  uint32_t max_members;          // 60
+  Geometry geometry;             // 64
+  uint64_t num_blocks;           // 104
+  uint64_t index_slots;          // 112 power of two
+  uint32_t index_probe_limit;    // 120
+  uint32_t reserved0;            // 124
+  RegionDesc regions[kRegionCount];  // 128 .. 240
+  uint8_t reserved[264];         // 240 .. 504, zero
+  uint64_t checksum;             // 504 crc32c of bytes [0,8) and [12,504)
+};
+static_assert(sizeof(Superblock) == 512);
+static_assert(offsetof(Superblock, layout_version) == 8);
+static_assert(offsetof(Superblock, uuid) == 16);
+static_assert(offsetof(Superblock, total_bytes) == 32);
+static_assert(offsetof(Superblock, coherence) == 52);
+static_assert(offsetof(Superblock, geometry) == 64);
+static_assert(offsetof(Superblock, num_blocks) == 104);
+static_assert(offsetof(Superblock, index_slots) == 112);
+static_assert(offsetof(Superblock, regions) == 128);
+static_assert(offsetof(Superblock, checksum) == 504);
+
+// Hot shared words, each alone on a 128-byte (two cache line) stride.
+struct alignas(128) PaddedWord {
+  Atomic64 value;
+  uint8_t pad[120];
+};
+static_assert(sizeof(PaddedWord) == 128);
+
+// Counters folded in from members that detached or were recovered.
+enum Counter : uint32_t {
+  kCtrHits = 0,        // keys found by acquire
+  kCtrMisses,          // keys asked for by acquire and not found
+  kCtrEvictions,       // sealed blocks evicted to make room
+  kCtrBytesIn,         // bytes published into the pool
+  kCtrBytesOut,        // bytes copied out of the pool by copy_to
+  kCtrPublished,       // blocks newly sealed
+  kCtrDuplicates,      // blocks skipped by publish because the key was present
+  kCtrRecovered,       // member slots recovered after their process died
+  kCtrIndexFull,       // keys not stored because their index neighbourhood was full
+  kCtrChecksumErrors,  // blocks whose bytes did not match their checksum on acquire
+  kCtrAllocs,          // blocks allocated (free or evicted)
+  kCounterCount = 16,
+};
+
+struct Control {
+  PaddedWord free_hint;    // approximate number of FREE blocks (a hint, never trusted)
+  PaddedWord clock_hand;   // CLOCK eviction hand, monotonically increasing
+  PaddedWord attach_seq;   // source of member epochs
+  PaddedWord reserved_words[5];
+  Atomic64 retired[kCounterCount];  // counters of members that detached or were recovered
+  uint8_t pad[kPageBytes - 8 * 128 - kCounterCount * 8];
+};
+static_assert(sizeof(Control) == kPageBytes);
+static_assert(offsetof(Control, retired) == 1024);
+
+// Member slot: one per attached pool handle.
+//   ctl = status:2 | epoch:30 | payload:32
+//   payload = pid for kMemberAlive; (recoverer slot:8 | recoverer epoch:24) for
+//   kMemberRecovering; seconds of CLOCK_REALTIME (low 32 bits) for kMemberClaiming.
+enum MemberStatus : uint64_t { kMemberFree = 0, kMemberAlive = 1, kMemberRecovering = 2, kMemberClaiming = 3 };
+
+struct alignas(64) MemberSlot {
+  Atomic64 ctl;            // 0
+  Atomic64 start_time;     // 8   /proc/<pid>/stat starttime (clock ticks), 0 = unknown
+  Atomic64 host_id;        // 16  boot id + pid namespace; members of another host use the lease
+  Atomic64 heartbeat_ns;   // 24  CLOCK_REALTIME of the last API call (at most every 100 ms)
+  Atomic64 attach_ns;      // 32
+  uint8_t pad0[24];        // 40
+  Atomic64 counters[kCounterCount];  // 64   written by the member only, summed by stats()
+  uint8_t pad1[64];        // 192
+};
+static_assert(sizeof(MemberSlot) == 256);
+static_assert(offsetof(MemberSlot, counters) == 64);
+
+// Block state word: gen:32 | kind:3 | ref:1 | owner:28
+enum BlockKind : uint64_t { kFree = 0, kWriting = 1, kSealed = 2, kEvicting = 3 };
+
+struct alignas(64) BlockDesc {
+  Atomic64 pin_mask[2];   // 0   bit m = member slot m holds a pin
+  Atomic64 key[2];        // 16  16-byte key, written before the index entry is inserted
+  Atomic32 crc;           // 32  crc32c of the block's bytes (when kFlagBlockChecksums)
+  Atomic32 desc_flags;    // 36
+  uint8_t pad[24];        // 40
+};
+static_assert(sizeof(BlockDesc) == 64);
+static_assert(offsetof(BlockDesc, key) == 16);
+static_assert(offsetof(BlockDesc, crc) == 32);
+
+// Index entry: 0 = empty, 1 = tombstone, otherwise
+//   1:1 | fingerprint:15 | gen:20 | block index:28
+inline constexpr uint64_t kEntryEmpty = 0;
+inline constexpr uint64_t kEntryTomb = 1;
+
+}  // namespace pykvshm::layout

@@ -1,0 +1,198 @@
+// A process's handle on a pool: the mapping, its member slot, the block
+// allocator, the prefix index and recovery.  One Pool object = one member.
+//
+// Thread safety: every method may be called from several threads of the same
+// process at once (the shared structures are lock-free; the process-local pin
+// table has a mutex).  A Pool object must not be used after fork(): the child
+// opens the pool again.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "pykvshm/errors.h"
+#include "pykvshm/layout.h"
+#include "pykvshm/mapping.h"
+#include "pykvshm/state.h"
+
+namespace pykvshm {
+
+struct GeometryIn {
+  uint32_t num_layers = 0, num_kv_heads = 0, head_dim = 0, block_tokens = 0;
+  uint32_t dtype_code = 0, dtype_size = 0;
+};
+
+struct PoolOptions {
+  MapOptions map;
+  layout::Coherence coherence = layout::Coherence::kCoherent;
+  bool block_checksums = false;  // create only
+  uint64_t host_id = 0;          // 0: derive from boot id + pid namespace
+  uint64_t lease_ns = 10'000'000'000ull;  // members of other hosts are dead after this silence
+};
+
+struct Stats {
+  uint64_t total = 0, free = 0, writing = 0, sealed = 0, evicting = 0, pinned = 0;
+  uint64_t members = 0;
+  std::array<uint64_t, layout::kCounterCount> counters{};
+};
+
+struct RecoveryReport {
+  uint64_t members_recovered = 0;  // dead member slots this call reclaimed and freed
+  uint64_t blocks_freed = 0;       // WRITING / EVICTING blocks they held
+  uint64_t pins_dropped = 0;       // pins they held
+};
+
+struct MemberInfo {
+  uint32_t slot;
+  uint64_t status;
+  uint32_t epoch;
+  uint32_t pid;
+  uint64_t host_id;
+  uint64_t start_time;
+  uint64_t heartbeat_ns;
+  uint64_t attach_ns;
+  bool self;
+  bool alive;
+};
+
+// Size of the layout for a geometry and a byte budget (used by create and tests).
+struct LayoutPlan {
+  uint64_t num_blocks = 0, index_slots = 0, total_bytes = 0;
+  layout::RegionDesc regions[layout::kRegionCount]{};
+};
+LayoutPlan plan_layout(const layout::Geometry& g, uint64_t capacity_bytes, uint64_t size_align);
+layout::Geometry make_geometry(const GeometryIn& in);
+
+// Validates a superblock image (the first bytes of a pool) against the size of
+// its backing store.  Throws the matching Error; never writes anything.
+void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, const std::string& name);
+uint64_t superblock_checksum(const layout::Superblock* sb);
+
+class Pool {
+ public:
+  static std::unique_ptr<Pool> create(const std::string& name, const GeometryIn& g, uint64_t capacity,
+                                      const PoolOptions& opt);
+  static std::unique_ptr<Pool> open(const std::string& name, const PoolOptions& opt);
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  void close();  // releases pins, aborts unfinished writes, frees the member slot, unmaps
+  bool closed() const { return !map_.base(); }
+
+  // ---- description ----
+  const layout::Geometry& geometry() const { return geo_; }
+  uint64_t num_blocks() const { return nblocks_; }
+  uint64_t index_slots() const { return nslots_; }
+  uint64_t total_bytes() const { return map_.size(); }
+  uint64_t data_offset() const { return data_off_; }
+  const std::string& path() const { return map_.path(); }
+  layout::Coherence coherence() const { return coherence_; }
+  bool block_checksums() const { return checksums_; }
+  uint32_t member_slot() const { return slot_; }
+  uint64_t host_id() const { return host_id_; }
+  std::array<uint8_t, 16> uuid() const;
+  uint8_t* base() const { return map_.base(); }
+  uint64_t created_ns() const;
+
+  // ---- allocator (handles are gen:32 | index:32) ----
+  void alloc(size_t n, bool evict, uint64_t* out);          // all or nothing; throws kFull
+  void free(const uint64_t* handles, size_t n);             // blocks this member allocated
+  uint8_t* writable_block(uint64_t handle);                 // a WRITING block owned by this member
+  uint8_t* block_data(uint64_t index) const { return map_.base() + data_off_ + index * geo_.block_stride; }
+
+  // ---- prefix index ----
+  size_t match(const uint8_t* keys, size_t n);              // leading keys present (sealed)
+  // publish: src holds n blocks at src_stride bytes apart; returns blocks newly stored
+  size_t publish(const uint8_t* keys, size_t n, const uint8_t* src, uint64_t src_stride);
+  // acquire: pins the longest present prefix, writes its handles, returns its length
+  size_t acquire(const uint8_t* keys, size_t n, uint64_t* out);
+  void release(const uint64_t* handles, size_t n);
+  const uint8_t* pinned_block(uint64_t handle);             // a block this member has pinned
+  void copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride);
+  // reserve / commit / abort: the incremental writer path
+  size_t reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles);
+  void commit(const uint64_t* handles, size_t n);
+  void abort_writes(const uint64_t* handles, size_t n);
+
+  // ---- maintenance ----
+  RecoveryReport recover();
+  Stats stats() const;
+  std::vector<MemberInfo> members() const;
+  void check(bool strict) const;  // throws kCorrupt naming the first violation
+  void add_counter(layout::Counter c, uint64_t v) noexcept;
+  void heartbeat() noexcept;
+
+  // Test hook: abandon the handle without running close() (as a crash would).
+  void abandon() noexcept;
+
+ private:
+  Pool() = default;
+  void attach_member();
+  void ensure_usable();
+  bool member_dead(uint32_t slot, uint64_t ctl) const;
+  bool reclaim_member(uint32_t slot, RecoveryReport& rep);
+  uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
+  uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
+  bool try_claim(uint64_t index, uint64_t* handle_out);
+  bool try_evict(uint64_t index, uint64_t* handle_out);
+  void release_claims(const uint64_t* handles, size_t n) noexcept;
+
+  struct Found {
+    uint64_t pos = 0, index = 0;
+    uint32_t gen = 0;
+    uint64_t kind = 0;
+  };
+  enum class Insert { kInserted, kPresent, kFull };
+  bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
+  Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
+  void remove_entry(uint64_t index, uint32_t gen) noexcept;
+  bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
+  void unpin(uint64_t index) noexcept;
+  void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what) const;
+  void flush(const void* p, size_t n) const noexcept;
+
+  layout::Superblock* sb() const { return reinterpret_cast<layout::Superblock*>(map_.base()); }
+  layout::Control* ctl() const { return reinterpret_cast<layout::Control*>(map_.base() + ctl_off_); }
+  layout::MemberSlot* member(uint32_t i) const {
+    return reinterpret_cast<layout::MemberSlot*>(map_.base() + members_off_) + i;
+  }
+  Atomic64& state(uint64_t i) const { return reinterpret_cast<Atomic64*>(map_.base() + states_off_)[i]; }
+  layout::BlockDesc& desc(uint64_t i) const {
+    return reinterpret_cast<layout::BlockDesc*>(map_.base() + desc_off_)[i];
+  }
+  Atomic64& entry(uint64_t pos) const { return reinterpret_cast<Atomic64*>(map_.base() + index_off_)[pos]; }
+
+  Mapping map_;
+  // Everything below is copied from the validated superblock at attach and never
+  // re-read from shared memory, so a co-tenant scribbling on the superblock later
+  // cannot move our bounds.
+  layout::Geometry geo_{};
+  uint64_t nblocks_ = 0, nslots_ = 0;
+  uint64_t ctl_off_ = 0, members_off_ = 0, states_off_ = 0, desc_off_ = 0, index_off_ = 0, data_off_ = 0;
+  layout::Coherence coherence_ = layout::Coherence::kCoherent;
+  bool checksums_ = false;
+  uint32_t max_members_ = 0;
+
+  uint32_t slot_ = 0, epoch_ = 0;
+  uint32_t pid_ = 0;
+  uint64_t host_id_ = 0, lease_ns_ = 0;
+  uint64_t fork_gen_ = 0;
+  std::atomic<uint64_t> cursor_{0};  // allocation scan position (process-local, a hint)
+  std::atomic<uint64_t> last_heartbeat_{0};
+
+  mutable std::mutex pin_mu_;
+  std::vector<uint32_t> pin_count_;  // this member's pins per block
+};
+
+// Liveness helpers (exposed for tests).
+uint64_t process_start_time(uint32_t pid);  // 0 when the process does not exist
+uint64_t local_host_id();
+uint64_t realtime_ns();
+
+}  // namespace pykvshm

@@ -1,0 +1,92 @@
+// Pool::check: verifies the invariants of docs/design/*.md over the whole pool.
+//
+// Structural checks (always): every state word decodes to a known kind, every
+// owner and pin bit names a member slot that is in use, every index entry names
+// a block inside the pool.  Strict checks (a quiescent pool: no operation in
+// flight in any process) add exact accounting: every SEALED block is reachable
+// through exactly one index entry within its probe window, no entry names a
+// free block or an old generation, no key is stored twice, pins are only on
+// sealed blocks.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "pykvshm/pool.h"
+
+namespace pykvshm {
+
+using namespace layout;
+
+void Pool::check(bool strict) const {
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  auto fail = [](const std::string& what) { raise(ErrorCode::kCorrupt, "pool check failed: " + what); };
+  uint64_t in_use[2] = {0, 0};
+  for (uint32_t s = 0; s < max_members_; ++s) {
+    uint64_t c = member(s)->ctl.load(std::memory_order_acquire);
+    if (word::member_status(c) != kMemberFree) in_use[s / 64] |= 1ull << (s % 64);
+  }
+  std::vector<uint8_t> entries(nblocks_, 0);
+  for (uint64_t i = 0; i < nblocks_; ++i) {
+    uint64_t s = state(i).load(std::memory_order_acquire);
+    uint64_t k = word::kind(s);
+    uint64_t o = word::owner(s);
+    const std::string b = "block " + std::to_string(i);
+    if (k > kEvicting) fail(b + " has an unknown state kind " + std::to_string(k));
+    if (k == kWriting || k == kEvicting) {
+      if (o >= max_members_) fail(b + " is owned by member slot " + std::to_string(o) + ", out of range");
+      if (!(in_use[o / 64] & (1ull << (o % 64))))
+        fail(b + " is held by member slot " + std::to_string(o) + ", which is free (a leaked block)");
+      if (strict && k == kEvicting) fail(b + " is being evicted in a quiescent pool");
+    } else if (strict && o != 0) {
+      fail(b + " carries an owner in state " + std::to_string(k));
+    }
+    const BlockDesc& d = desc(i);
+    for (int w = 0; w < 2; ++w) {
+      uint64_t m = d.pin_mask[w].load(std::memory_order_acquire);
+      if (m & ~in_use[w]) fail(b + " is pinned by a member slot that is free (a leaked pin)");
+      if (strict && m && k != kSealed) fail(b + " is pinned but not sealed");
+    }
+  }
+  struct KeyRef {
+    uint64_t k0, k1, block;
+  };
+  std::vector<KeyRef> sealed_keys;
+  const uint64_t mask = nslots_ - 1;
+  for (uint64_t pos = 0; pos < nslots_; ++pos) {
+    uint64_t e = entry(pos).load(std::memory_order_acquire);
+    if (!word::entry_live(e)) {
+      if (e != kEntryEmpty && e != kEntryTomb) fail("index slot " + std::to_string(pos) + " holds garbage");
+      continue;
+    }
+    uint64_t i = word::entry_index(e);
+    const std::string at = "index slot " + std::to_string(pos);
+    if (i >= nblocks_) fail(at + " names block " + std::to_string(i) + ", outside the pool");
+    uint64_t s = state(i).load(std::memory_order_acquire);
+    bool current = word::entry_gen_matches(e, word::gen(s)) && word::kind(s) != kFree;
+    if (!current) {
+      if (strict) fail(at + " names block " + std::to_string(i) + " which is free or reused (stale entry)");
+      continue;
+    }
+    uint64_t k0 = desc(i).key[0].load(std::memory_order_relaxed);
+    uint64_t k1 = desc(i).key[1].load(std::memory_order_relaxed);
+    uint64_t h = word::key_hash(k0, k1);
+    if (word::key_fp(h) != word::entry_fp(e)) fail(at + " has a fingerprint that does not match block " + std::to_string(i) + "'s key");
+    if (((pos - h) & mask) >= kIndexProbeLimit) fail(at + " is outside the probe window of its key");
+    if (entries[i] < 255) ++entries[i];
+    if (word::kind(s) == kSealed) sealed_keys.push_back({k0, k1, i});
+  }
+  if (!strict) return;
+  for (uint64_t i = 0; i < nblocks_; ++i) {
+    uint64_t s = state(i).load(std::memory_order_acquire);
+    if (entries[i] > 1) fail("block " + std::to_string(i) + " is named by " + std::to_string(entries[i]) + " index entries");
+    if (word::kind(s) == kSealed && entries[i] == 0) fail("sealed block " + std::to_string(i) + " is not in the index");
+  }
+  std::sort(sealed_keys.begin(), sealed_keys.end(),
+            [](const KeyRef& a, const KeyRef& b) { return a.k0 != b.k0 ? a.k0 < b.k0 : a.k1 < b.k1; });
+  for (size_t j = 1; j < sealed_keys.size(); ++j)
+    if (sealed_keys[j].k0 == sealed_keys[j - 1].k0 && sealed_keys[j].k1 == sealed_keys[j - 1].k1)
+      fail("blocks " + std::to_string(sealed_keys[j - 1].block) + " and " + std::to_string(sealed_keys[j].block) +
+           " are both sealed under one key");
+}
+
+}  // namespace pykvshm

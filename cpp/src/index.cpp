@@ -1,0 +1,337 @@
+// The prefix index: key -> (block, generation), an open-addressing table of
+// 64-bit entries in the pool, with the 16-byte key itself kept in the block's
+// descriptor.  Publish, match, acquire (pin) and release.
+// docs/design/index.md has the state machine and its invariants.
+#include <cstring>
+#include <string>
+
+#include "pykvshm/crc32c.h"
+#include "pykvshm/pool.h"
+#include "pykvshm/visibility.h"
+
+namespace pykvshm {
+
+using namespace layout;
+
+namespace {
+
+inline void load_key(const uint8_t* keys, size_t i, uint64_t* k0, uint64_t* k1) {
+  std::memcpy(k0, keys + 16 * i, 8);
+  std::memcpy(k1, keys + 16 * i + 8, 8);
+}
+
+}  // namespace
+
+bool Pool::lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const {
+  const uint64_t h = word::key_hash(k0, k1);
+  const uint16_t fp = word::key_fp(h);
+  const uint64_t mask = nslots_ - 1;
+  for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
+    const uint64_t pos = (h + d) & mask;
+    if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(&entry(pos), 8);
+    const uint64_t e = entry(pos).load(std::memory_order_acquire);
+    if (e == kEntryEmpty) return false;
+    if (!word::entry_live(e) || word::entry_fp(e) != fp) continue;
+    const uint64_t i = word::entry_index(e);
+    if (i >= nblocks_) continue;  // a corrupt entry never leads outside the mapping
+    if (coherence_ == Coherence::kNoncoherent) {
+      visibility::invalidate_range(&state(i), 8);
+      visibility::invalidate_range(&desc(i), sizeof(BlockDesc));
+    }
+    const uint64_t s1 = state(i).load(std::memory_order_acquire);
+    const uint64_t k = word::kind(s1);
+    if (!word::entry_gen_matches(e, word::gen(s1))) continue;
+    if (sealed_only ? k != kSealed : (k != kSealed && k != kWriting && k != kEvicting)) continue;
+    // Seqlock-style read of the key: valid only if the state did not move.
+    const uint64_t d0 = desc(i).key[0].load(std::memory_order_relaxed);
+    const uint64_t d1 = desc(i).key[1].load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const uint64_t s2 = state(i).load(std::memory_order_relaxed);
+    if ((s1 ^ s2) & ~word::kRefBit) continue;
+    if (d0 != k0 || d1 != k1) continue;
+    f->pos = pos;
+    f->index = i;
+    f->gen = word::gen(s1);
+    f->kind = k;
+    return true;
+  }
+  return false;
+}
+
+Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen) {
+  Found f;
+  if (lookup(k0, k1, false, &f)) return Insert::kPresent;
+  const uint64_t h = word::key_hash(k0, k1);
+  const uint16_t fp = word::key_fp(h);
+  const uint64_t mask = nslots_ - 1;
+  const uint64_t mine = word::entry(fp, gen, index);
+  uint64_t my_pos = 0;
+  uint32_t my_dist = kIndexProbeLimit;
+  for (uint32_t d = 0, retries = 0; d < kIndexProbeLimit; ++d) {
+    const uint64_t pos = (h + d) & mask;
+    uint64_t e = entry(pos).load(std::memory_order_acquire);
+    bool reusable = e == kEntryEmpty || e == kEntryTomb;
+    if (!reusable && word::entry_live(e)) {
+      const uint64_t j = word::entry_index(e);
+      if (j >= nblocks_) {
+        reusable = true;
+      } else {
+        const uint64_t s = state(j).load(std::memory_order_acquire);
+        reusable = !word::entry_gen_matches(e, word::gen(s)) || word::kind(s) == kFree;
+      }
+    } else if (!reusable) {
+      reusable = true;  // neither empty, tombstone nor live: garbage, overwrite it
+    }
+    if (!reusable) continue;
+    // SYNC POINT: index-insert.  The key was stored in the descriptor before
+    // this CAS; a reader that loads the entry with acquire sees the key.
+    if (entry(pos).cas(e, mine, std::memory_order_seq_cst)) {
+      flush(&entry(pos), 8);
+      my_pos = pos;
+      my_dist = d;
+      break;
+    }
+    if (++retries < 8) --d;  // the slot changed under us: look at it again
+  }
+  if (my_dist == kIndexProbeLimit) return Insert::kFull;
+  // Two publishers of one key may both get here.  The entry nearer the key's
+  // home position wins; the other withdraws.  Both CASes and these loads are
+  // seq_cst, so at least one of the two sees the other.
+  for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
+    const uint64_t pos = (h + d) & mask;
+    if (pos == my_pos) continue;
+    const uint64_t e = entry(pos).load(std::memory_order_seq_cst);
+    if (e == kEntryEmpty) break;
+    if (!word::entry_live(e) || word::entry_fp(e) != fp) continue;
+    const uint64_t j = word::entry_index(e);
+    if (j >= nblocks_ || j == index) continue;
+    const uint64_t s1 = state(j).load(std::memory_order_acquire);
+    const uint64_t k = word::kind(s1);
+    if (!word::entry_gen_matches(e, word::gen(s1)) || (k != kSealed && k != kWriting && k != kEvicting)) continue;
+    const uint64_t d0 = desc(j).key[0].load(std::memory_order_relaxed);
+    const uint64_t d1 = desc(j).key[1].load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if ((s1 ^ state(j).load(std::memory_order_relaxed)) & ~word::kRefBit) continue;
+    if (d0 != k0 || d1 != k1) continue;
+    if (d < my_dist) {
+      uint64_t e2 = mine;
+      entry(my_pos).cas(e2, kEntryTomb, std::memory_order_seq_cst);
+      flush(&entry(my_pos), 8);
+      return Insert::kPresent;
+    }
+  }
+  return Insert::kInserted;
+}
+
+void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
+  const uint64_t k0 = desc(index).key[0].load(std::memory_order_relaxed);
+  const uint64_t k1 = desc(index).key[1].load(std::memory_order_relaxed);
+  const uint64_t h = word::key_hash(k0, k1);
+  const uint64_t mask = nslots_ - 1;
+  for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
+    const uint64_t pos = (h + d) & mask;
+    uint64_t e = entry(pos).load(std::memory_order_acquire);
+    if (e == kEntryEmpty) return;
+    if (word::entry_live(e) && word::entry_index(e) == index && word::entry_gen_matches(e, gen)) {
+      entry(pos).cas(e, kEntryTomb, std::memory_order_acq_rel);
+      flush(&entry(pos), 8);
+      return;
+    }
+  }
+}
+
+size_t Pool::match(const uint8_t* keys, size_t n) {
+  ensure_usable();
+  heartbeat();
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    if (!lookup(k0, k1, true, &f)) return i;
+  }
+  return n;
+}
+
+size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
+  ensure_usable();
+  heartbeat();
+  std::vector<size_t> missing;
+  missing.reserve(n);
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    if (!lookup(k0, k1, false, &f)) missing.push_back(i);
+  }
+  add_counter(kCtrDuplicates, n - missing.size());
+  if (missing.empty()) return 0;
+  std::vector<uint64_t> got(missing.size());
+  alloc(missing.size(), true, got.data());
+  size_t m = 0;
+  for (size_t j = 0; j < missing.size(); ++j) {
+    const size_t i = missing[j];
+    const uint64_t bi = word::handle_index(got[j]);
+    const uint32_t g = word::handle_gen(got[j]);
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    BlockDesc& d = desc(bi);
+    d.key[0].store(k0, std::memory_order_relaxed);
+    d.key[1].store(k1, std::memory_order_relaxed);
+    d.crc.store(0, std::memory_order_relaxed);
+    flush(&d, sizeof(BlockDesc));
+    std::atomic_thread_fence(std::memory_order_release);
+    Insert r = insert(k0, k1, bi, g);
+    if (r == Insert::kInserted) {
+      positions[m] = int64_t(i);
+      handles[m] = got[j];
+      ++m;
+      continue;
+    }
+    add_counter(r == Insert::kFull ? kCtrIndexFull : kCtrDuplicates, 1);
+    release_claims(&got[j], 1);
+  }
+  return m;
+}
+
+void Pool::commit(const uint64_t* handles, size_t n) {
+  ensure_usable();
+  for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "commit");
+  for (size_t j = 0; j < n; ++j) {
+    const uint64_t i = word::handle_index(handles[j]);
+    const uint32_t g = word::handle_gen(handles[j]);
+    if (checksums_) desc(i).crc.store(crc32c(block_data(i), geo_.block_bytes), std::memory_order_relaxed);
+    flush(block_data(i), geo_.block_bytes);
+    flush(&desc(i), sizeof(BlockDesc));
+    uint64_t s = word::state(g, kWriting, slot_);
+    // SYNC POINT: block-seal.  The block's bytes, key and checksum happen-before
+    // any reader that sees SEALED with acquire.
+    if (!state(i).cas(s, word::state(g, kSealed, 0), std::memory_order_release))
+      raise(ErrorCode::kCorrupt, "commit: block " + std::to_string(i) + " changed state under its writer");
+    flush(&state(i), 8);
+  }
+  add_counter(kCtrPublished, n);
+  add_counter(kCtrBytesIn, n * geo_.block_bytes);
+}
+
+void Pool::abort_writes(const uint64_t* handles, size_t n) {
+  ensure_usable();
+  for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "abort");
+  for (size_t j = 0; j < n; ++j) remove_entry(word::handle_index(handles[j]), word::handle_gen(handles[j]));
+  release_claims(handles, n);
+}
+
+size_t Pool::publish(const uint8_t* keys, size_t n, const uint8_t* src, uint64_t src_stride) {
+  std::vector<int64_t> pos(n);
+  std::vector<uint64_t> hs(n);
+  size_t m = reserve(keys, n, pos.data(), hs.data());
+  for (size_t j = 0; j < m; ++j)
+    std::memcpy(block_data(word::handle_index(hs[j])), src + uint64_t(pos[j]) * src_stride, geo_.block_bytes);
+  commit(hs.data(), m);
+  return m;
+}
+
+bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
+  std::lock_guard<std::mutex> lk(pin_mu_);
+  Atomic64& sw = state(i);
+  if (pin_count_[i]) {
+    // Already pinned by this member, so it cannot have been evicted.
+    uint64_t s = sw.load(std::memory_order_acquire);
+    if (word::kind(s) != kSealed || word::gen(s) != g) return false;
+    ++pin_count_[i];
+    return true;
+  }
+  BlockDesc& d = desc(i);
+  const uint64_t bit = 1ull << (slot_ % 64);
+  // SYNC POINT: evict-vs-pin (Dekker), the pinner's half; see try_evict.
+  d.pin_mask[slot_ / 64].fetch_or(bit, std::memory_order_seq_cst);
+  flush(&d.pin_mask[slot_ / 64], 8);
+  uint64_t s = sw.load(std::memory_order_seq_cst);
+  if (word::kind(s) == kSealed && word::gen(s) == g && d.key[0].load(std::memory_order_relaxed) == k0 &&
+      d.key[1].load(std::memory_order_relaxed) == k1) {
+    pin_count_[i] = 1;
+    if (!word::ref(s)) sw.cas(s, s | word::kRefBit, std::memory_order_relaxed);  // CLOCK: recently used
+    return true;
+  }
+  d.pin_mask[slot_ / 64].fetch_and(~bit, std::memory_order_release);
+  flush(&d.pin_mask[slot_ / 64], 8);
+  return false;
+}
+
+void Pool::unpin(uint64_t i) noexcept {
+  // Caller holds pin_mu_.
+  if (pin_count_[i] == 0) return;
+  if (--pin_count_[i] == 0) {
+    // SYNC POINT: unpin.  Our reads of the block happen-before an evictor that
+    // sees the bit clear.
+    desc(i).pin_mask[slot_ / 64].fetch_and(~(1ull << (slot_ % 64)), std::memory_order_release);
+    flush(&desc(i).pin_mask[slot_ / 64], 8);
+  }
+}
+
+size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
+  ensure_usable();
+  heartbeat();
+  size_t got = 0;
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    bool ok = false;
+    for (int attempt = 0; attempt < 2 && !ok; ++attempt) {
+      if (!lookup(k0, k1, true, &f)) break;
+      ok = pin(f.index, f.gen, k0, k1);
+    }
+    if (!ok) break;
+    out[got++] = word::handle(f.gen, f.index);
+  }
+  if (checksums_) {
+    for (size_t j = 0; j < got; ++j) {
+      const uint64_t i = word::handle_index(out[j]);
+      const uint8_t* p = block_data(i);
+      if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(p, geo_.block_bytes);
+      if (crc32c(p, geo_.block_bytes) != desc(i).crc.load(std::memory_order_relaxed)) {
+        release(out, got);
+        add_counter(kCtrChecksumErrors, 1);
+        raise(ErrorCode::kChecksum, "block " + std::to_string(i) + " (key #" + std::to_string(j) +
+                                        ") does not match its checksum: the pool memory was corrupted");
+      }
+    }
+  } else if (coherence_ == Coherence::kNoncoherent) {
+    for (size_t j = 0; j < got; ++j) visibility::invalidate_range(block_data(word::handle_index(out[j])), geo_.block_bytes);
+  }
+  add_counter(kCtrHits, got);
+  add_counter(kCtrMisses, n - got);
+  return got;
+}
+
+void Pool::release(const uint64_t* handles, size_t n) {
+  if (!map_.base()) return;  // close() already dropped every pin
+  std::lock_guard<std::mutex> lk(pin_mu_);
+  for (size_t j = 0; j < n; ++j) {
+    const uint64_t i = word::handle_index(handles[j]);
+    if (i >= nblocks_ || pin_count_[i] == 0)
+      raise(ErrorCode::kInvalidHandle, "release: block handle " + std::to_string(handles[j]) + " is not pinned by this pool handle");
+  }
+  for (size_t j = 0; j < n; ++j) unpin(word::handle_index(handles[j]));
+}
+
+const uint8_t* Pool::pinned_block(uint64_t h) {
+  ensure_usable();
+  const uint64_t i = word::handle_index(h);
+  std::lock_guard<std::mutex> lk(pin_mu_);
+  if (i >= nblocks_ || pin_count_[i] == 0)
+    raise(ErrorCode::kInvalidHandle, "block handle " + std::to_string(h) + " is not pinned by this pool handle");
+  if (word::gen(state(i).load(std::memory_order_acquire)) != word::handle_gen(h))
+    raise(ErrorCode::kStaleHandle, "block handle " + std::to_string(h) + " is stale");
+  return block_data(i);
+}
+
+void Pool::copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride) {
+  ensure_usable();
+  for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
+  for (size_t j = 0; j < n; ++j)
+    std::memcpy(dst + j * dst_stride, block_data(word::handle_index(handles[j])), geo_.block_bytes);
+  add_counter(kCtrBytesOut, n * geo_.block_bytes);
+}
+
+}  // namespace pykvshm

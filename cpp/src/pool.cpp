@@ -1,0 +1,444 @@
+// Creating, attaching to and detaching from a pool; the member table.
+#include "pykvshm/pool.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "pykvshm/crc32c.h"
+#include "pykvshm/visibility.h"
+
+namespace pykvshm {
+
+using namespace layout;
+
+namespace {
+
+std::atomic<uint64_t> g_fork_gen{0};
+void on_fork_child() { g_fork_gen.fetch_add(1, std::memory_order_relaxed); }
+const bool g_atfork_registered = [] {
+  pthread_atfork(nullptr, nullptr, on_fork_child);
+  return true;
+}();
+
+uint64_t fnv1a(const std::string& s, uint64_t h = 0xcbf29ce484222325ull) {
+  for (char ch : s) {
+    auto c = static_cast<unsigned char>(ch);
+    h ^= c;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+}  // namespace
+
+uint64_t realtime_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000ull + uint64_t(ts.tv_nsec);
+}
+
+uint64_t process_start_time(uint32_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto rp = all.rfind(')');
+  if (rp == std::string::npos) return 0;
+  std::istringstream rest(all.substr(rp + 2));
+  std::string field;
+  // Fields after the command name start at field 3 (state); starttime is field 22.
+  for (int i = 3; i <= 22; ++i) {
+    if (!(rest >> field)) return 0;
+  }
+  return std::strtoull(field.c_str(), nullptr, 10);
+}
+
+uint64_t local_host_id() {
+  // One host = one kernel boot and one PID namespace: a pid means something only
+  // to processes that share both.
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string boot;
+  std::getline(in, boot);
+  struct stat st {};
+  uint64_t ns = stat("/proc/self/ns/pid", &st) == 0 ? uint64_t(st.st_ino) : 0;
+  uint64_t h = fnv1a(boot);
+  h = fnv1a(std::to_string(ns), h);
+  return h ? h : 1;
+}
+
+std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gin, uint64_t capacity,
+                                   const PoolOptions& opt) {
+  Geometry g = make_geometry(gin);
+  Backend b = Mapping::backend_for(name);
+  uint64_t align = opt.map.huge_pages ? kDataAlign : kPageBytes;
+  // Plan against the requested capacity first so an impossible request fails
+  // before anything is created.
+  if (b != Backend::kDevDax) plan_layout(g, capacity, align);
+  Mapping m = Mapping::create(name, capacity, opt.map);
+  uint8_t* base = m.base();
+  try {
+    if (b == Backend::kDevDax) {
+      auto sb = reinterpret_cast<const Superblock*>(base);
+      if (std::memcmp(sb->magic, kMagic, sizeof kMagic) == 0)
+        raise(ErrorCode::kExists, "device " + m.path() + " already holds a pykvshm pool; destroy it first");
+    }
+    LayoutPlan p = plan_layout(g, m.size(), kPageBytes);
+    // Zero the metadata (a fresh tmpfs file is zero already; a device is not).
+    std::memset(base, 0, p.regions[kRegionData].offset);
+    auto sb = reinterpret_cast<Superblock*>(base);
+    std::memcpy(sb->magic, kMagic, sizeof kMagic);
+    sb->header_bytes = sizeof(Superblock);
+    std::random_device rd;
+    for (int i = 0; i < 16; i += 4) {
+      uint32_t r = rd();
+      std::memcpy(sb->uuid + i, &r, 4);
+    }
+    sb->uuid[6] = uint8_t((sb->uuid[6] & 0x0f) | 0x40);  // RFC 4122 version 4
+    sb->uuid[8] = uint8_t((sb->uuid[8] & 0x3f) | 0x80);
+    sb->total_bytes = m.size();
+    sb->created_ns = realtime_ns();
+    sb->creator_pid = uint32_t(getpid());
+    sb->coherence = uint32_t(opt.coherence);
+    sb->flags = opt.block_checksums ? kFlagBlockChecksums : 0;
+    sb->max_members = kMaxMembers;
+    sb->geometry = g;
+    sb->num_blocks = p.num_blocks;
+    sb->index_slots = p.index_slots;
+    sb->index_probe_limit = kIndexProbeLimit;
+    std::memcpy(sb->regions, p.regions, sizeof p.regions);
+    sb->checksum = superblock_checksum(sb);
+    auto control = reinterpret_cast<Control*>(base + p.regions[kRegionControl].offset);
+    control->free_hint.value.store(p.num_blocks, std::memory_order_relaxed);
+    if (opt.coherence == Coherence::kNoncoherent) visibility::flush_range(base, p.regions[kRegionData].offset);
+    // SYNC POINT: superblock-publish.  Everything above happens-before any
+    // process that reads a non-zero layout_version with acquire.
+    sb->layout_version.store(kLayoutVersion, std::memory_order_release);
+    if (opt.coherence == Coherence::kNoncoherent) visibility::flush_range(&sb->layout_version, 4);
+  } catch (...) {
+    std::string path = m.path();
+    m.unmap();
+    if (b != Backend::kDevDax) ::unlink(path.c_str());
+    throw;
+  }
+  m.unmap();
+  return open(name, opt);
+}
+
+std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt) {
+  std::unique_ptr<Pool> p(new Pool());
+  p->map_ = Mapping::open(name, opt.map);
+  // Validate from a private copy before mapping anything writable.
+  auto head = p->map_.read_prefix(sizeof(Superblock));
+  validate_superblock(head.data(), head.size(), p->map_.file_size(), name);
+  p->map_.map(opt.map);
+  // The superblock must not have changed between the read and the map.
+  if (std::memcmp(head.data(), p->map_.base(), 8) != 0 ||
+      std::memcmp(head.data() + 12, p->map_.base() + 12, sizeof(Superblock) - 12) != 0)
+    raise(ErrorCode::kCorrupt, "pool '" + name + "' changed while it was being opened");
+  auto sb = reinterpret_cast<const Superblock*>(head.data());
+  p->geo_ = sb->geometry;
+  p->nblocks_ = sb->num_blocks;
+  p->nslots_ = sb->index_slots;
+  p->ctl_off_ = sb->regions[kRegionControl].offset;
+  p->members_off_ = sb->regions[kRegionMembers].offset;
+  p->states_off_ = sb->regions[kRegionStates].offset;
+  p->desc_off_ = sb->regions[kRegionDescriptors].offset;
+  p->index_off_ = sb->regions[kRegionIndex].offset;
+  p->data_off_ = sb->regions[kRegionData].offset;
+  p->coherence_ = Coherence(sb->coherence);
+  p->checksums_ = (sb->flags & kFlagBlockChecksums) != 0;
+  p->max_members_ = sb->max_members;
+  p->host_id_ = opt.host_id ? opt.host_id : local_host_id();
+  p->lease_ns_ = opt.lease_ns;
+  p->pid_ = uint32_t(getpid());
+  p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
+  p->pin_count_.assign(p->nblocks_, 0);
+  p->attach_member();
+  p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
+  return p;
+}
+
+Pool::~Pool() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+std::array<uint8_t, 16> Pool::uuid() const {
+  std::array<uint8_t, 16> u{};
+  if (map_.base()) std::memcpy(u.data(), sb()->uuid, 16);
+  return u;
+}
+
+uint64_t Pool::created_ns() const { return map_.base() ? sb()->created_ns : 0; }
+
+void Pool::ensure_usable() {
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
+    raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
+}
+
+void Pool::heartbeat() noexcept {
+  uint64_t now = realtime_ns();
+  uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
+  if (now - last < 100'000'000ull && now >= last) return;
+  last_heartbeat_.store(now, std::memory_order_relaxed);
+  member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
+  if (coherence_ == Coherence::kNoncoherent) flush(member(slot_), 64);
+}
+
+void Pool::add_counter(Counter c, uint64_t v) noexcept {
+  if (v && map_.base()) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
+}
+
+void Pool::flush(const void* p, size_t n) const noexcept {
+  if (coherence_ == Coherence::kNoncoherent) visibility::flush_range(p, n);
+}
+
+void Pool::attach_member() {
+  recover();
+  uint64_t start = process_start_time(pid_);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    for (uint32_t i = 0; i < max_members_; ++i) {
+      MemberSlot* m = member(i);
+      uint64_t c = m->ctl.load(std::memory_order_acquire);
+      if (word::member_status(c) != kMemberFree) continue;
+      uint32_t epoch = word::member_epoch(c) + 1;
+      uint32_t now_s = uint32_t(realtime_ns() / 1'000'000'000ull);
+      uint64_t claiming = word::member(kMemberClaiming, epoch, now_s);
+      if (!m->ctl.cas(c, claiming, std::memory_order_acq_rel)) continue;
+      // The slot is ours; describe ourselves, then become ALIVE.
+      m->start_time.store(start, std::memory_order_relaxed);
+      m->host_id.store(host_id_, std::memory_order_relaxed);
+      uint64_t now = realtime_ns();
+      m->heartbeat_ns.store(now, std::memory_order_relaxed);
+      m->attach_ns.store(now, std::memory_order_relaxed);
+      for (auto& ctr : m->counters) ctr.store(0, std::memory_order_relaxed);
+      flush(m, sizeof(MemberSlot));
+      // SYNC POINT: member-alive.  Identity fields happen-before ALIVE.
+      uint64_t expect = claiming;
+      if (!m->ctl.cas(expect, word::member(kMemberAlive, epoch, pid_), std::memory_order_release)) continue;
+      flush(&m->ctl, 8);
+      slot_ = i;
+      epoch_ = epoch;
+      last_heartbeat_.store(now, std::memory_order_relaxed);
+      return;
+    }
+    recover();
+  }
+  raise(ErrorCode::kMembersFull, "all " + std::to_string(max_members_) +
+                                     " member slots of the pool are held by live processes; close some pool handles");
+}
+
+bool Pool::member_dead(uint32_t s, uint64_t c) const {
+  if (s == slot_ && map_.base() && word::member_epoch(c) == epoch_ && word::member_status(c) == kMemberAlive) return false;
+  const MemberSlot* m = member(s);
+  uint64_t now = realtime_ns();
+  switch (word::member_status(c)) {
+    case kMemberAlive: {
+      uint64_t host = m->host_id.load(std::memory_order_acquire);
+      if (host == host_id_) {
+        uint32_t pid = word::member_payload(c);
+        if (pid == 0) return true;
+        if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) return true;
+        uint64_t st = m->start_time.load(std::memory_order_relaxed);
+        if (st != 0) {
+          uint64_t now_st = process_start_time(pid);
+          if (now_st != 0 && now_st != st) return true;  // pid reused by another process
+          if (now_st == 0) return true;                  // gone between the two checks
+        }
+        return false;
+      }
+      uint64_t hb = m->heartbeat_ns.load(std::memory_order_acquire);
+      return now > hb && now - hb > lease_ns_;
+    }
+    case kMemberRecovering: {
+      uint32_t r = word::recoverer_slot(word::member_payload(c));
+      if (r >= max_members_) return true;
+      uint64_t rc = member(r)->ctl.load(std::memory_order_acquire);
+      if (word::member_status(rc) != kMemberAlive) return true;
+      if ((word::member_epoch(rc) & 0xffffffu) != word::recoverer_epoch(word::member_payload(c))) return true;
+      if (r == slot_) return false;
+      return member_dead(r, rc);
+    }
+    case kMemberClaiming: {
+      uint64_t now_s = now / 1'000'000'000ull;
+      uint32_t t = word::member_payload(c);
+      uint64_t limit_s = std::max<uint64_t>(10, lease_ns_ / 1'000'000'000ull);
+      return uint32_t(now_s) - t > limit_s && uint32_t(now_s) - t < (1u << 31);
+    }
+    default:
+      return false;
+  }
+}
+
+RecoveryReport Pool::recover() {
+  RecoveryReport rep;
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  std::vector<uint32_t> mine;
+  const uint32_t me = word::recoverer(slot_, epoch_);
+  for (uint32_t s = 0; s < max_members_; ++s) {
+    MemberSlot* m = member(s);
+    uint64_t c = m->ctl.load(std::memory_order_acquire);
+    uint64_t st = word::member_status(c);
+    if (st == kMemberFree) continue;
+    if (s == slot_ && word::member_epoch(c) == epoch_) continue;
+    if (!member_dead(s, c)) continue;
+    if (st == kMemberClaiming) {
+      // A process that died while attaching holds nothing yet.
+      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_acq_rel))
+        ++rep.members_recovered;
+      continue;
+    }
+    // SYNC POINT: recovery-claim.  Exactly one live process moves the slot to
+    // RECOVERING(by me); a dead recoverer's claim is taken over the same way.
+    uint64_t claimed = word::member(kMemberRecovering, word::member_epoch(c), me);
+    if (m->ctl.cas(c, claimed, std::memory_order_acq_rel)) mine.push_back(s);
+  }
+  if (mine.empty()) return rep;
+  uint64_t mask[2] = {0, 0};
+  for (uint32_t s : mine) mask[s / 64] |= 1ull << (s % 64);
+  // One pass over the blocks for every member we recover.  Each step is
+  // idempotent, so a recoverer that dies here leaves work the next one redoes.
+  for (uint64_t i = 0; i < nblocks_; ++i) {
+    Atomic64& sw = state(i);
+    for (int tries = 0; tries < 64; ++tries) {
+      uint64_t s = sw.load(std::memory_order_acquire);
+      uint64_t k = word::kind(s);
+      if (k != kWriting && k != kEvicting) break;
+      uint64_t o = word::owner(s);
+      if (o >= 128 || !(mask[o / 64] & (1ull << (o % 64)))) break;
+      remove_entry(i, word::gen(s));
+      if (sw.cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_acq_rel)) {
+        flush(&sw, 8);
+        ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+        ++rep.blocks_freed;
+        break;
+      }
+    }
+    BlockDesc& d = desc(i);
+    for (int w = 0; w < 2; ++w) {
+      if (!mask[w]) continue;
+      uint64_t had = d.pin_mask[w].fetch_and(~mask[w], std::memory_order_acq_rel);
+      rep.pins_dropped += uint64_t(__builtin_popcountll(had & mask[w]));
+    }
+  }
+  for (uint32_t s : mine) {
+    MemberSlot* m = member(s);
+    for (uint32_t c = 0; c < kCounterCount; ++c) {
+      uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
+      if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
+    }
+    ctl()->retired[kCtrRecovered].fetch_add(1, std::memory_order_relaxed);
+    uint64_t c = m->ctl.load(std::memory_order_acquire);
+    if (word::member_status(c) == kMemberRecovering && word::member_payload(c) == me) {
+      // SYNC POINT: recovery-done.  Reclaimed blocks happen-before the slot is reusable.
+      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_release)) {
+        flush(&m->ctl, 8);
+        ++rep.members_recovered;
+      }
+    }
+  }
+  return rep;
+}
+
+void Pool::close() {
+  if (!map_.base()) return;
+  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) {
+    // The parent still owns the member slot; a forked child only drops its mapping.
+    map_.unmap();
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    const uint64_t bit = 1ull << (slot_ % 64);
+    for (uint64_t i = 0; i < nblocks_; ++i) {
+      if (pin_count_[i]) {
+        desc(i).pin_mask[slot_ / 64].fetch_and(~bit, std::memory_order_release);
+        pin_count_[i] = 0;
+      }
+    }
+  }
+  for (uint64_t i = 0; i < nblocks_; ++i) {
+    uint64_t s = state(i).load(std::memory_order_acquire);
+    if ((word::kind(s) == kWriting || word::kind(s) == kEvicting) && word::owner(s) == slot_) {
+      remove_entry(i, word::gen(s));
+      if (state(i).cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_release))
+        ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  MemberSlot* m = member(slot_);
+  for (uint32_t c = 0; c < kCounterCount; ++c) {
+    uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
+    if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
+  }
+  uint64_t c = word::member(kMemberAlive, epoch_, pid_);
+  m->ctl.cas(c, word::member(kMemberFree, epoch_, 0), std::memory_order_release);
+  flush(&m->ctl, 8);
+  map_.unmap();
+}
+
+void Pool::abandon() noexcept {
+  // Drop the mapping and forget the slot, as if the process had died here.
+  map_.unmap();
+}
+
+std::vector<MemberInfo> Pool::members() const {
+  std::vector<MemberInfo> out;
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  for (uint32_t s = 0; s < max_members_; ++s) {
+    const MemberSlot* m = member(s);
+    uint64_t c = m->ctl.load(std::memory_order_acquire);
+    if (word::member_status(c) == kMemberFree) continue;
+    MemberInfo mi{};
+    mi.slot = s;
+    mi.status = word::member_status(c);
+    mi.epoch = word::member_epoch(c);
+    mi.pid = mi.status == kMemberAlive ? word::member_payload(c) : 0;
+    mi.host_id = m->host_id.load(std::memory_order_relaxed);
+    mi.start_time = m->start_time.load(std::memory_order_relaxed);
+    mi.heartbeat_ns = m->heartbeat_ns.load(std::memory_order_relaxed);
+    mi.attach_ns = m->attach_ns.load(std::memory_order_relaxed);
+    mi.self = s == slot_ && mi.epoch == epoch_;
+    mi.alive = !member_dead(s, c);
+    out.push_back(mi);
+  }
+  return out;
+}
+
+Stats Pool::stats() const {
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  Stats st;
+  st.total = nblocks_;
+  for (uint64_t i = 0; i < nblocks_; ++i) {
+    uint64_t s = state(i).load(std::memory_order_relaxed);
+    switch (word::kind(s)) {
+      case kFree: ++st.free; break;
+      case kWriting: ++st.writing; break;
+      case kSealed: ++st.sealed; break;
+      case kEvicting: ++st.evicting; break;
+      default: break;
+    }
+    const BlockDesc& d = desc(i);
+    if (d.pin_mask[0].load(std::memory_order_relaxed) | d.pin_mask[1].load(std::memory_order_relaxed)) ++st.pinned;
+  }
+  for (uint32_t c = 0; c < kCounterCount; ++c) st.counters[c] = ctl()->retired[c].load(std::memory_order_relaxed);
+  for (uint32_t s = 0; s < max_members_; ++s) {
+    const MemberSlot* m = member(s);
+    uint64_t c = m->ctl.load(std::memory_order_acquire);
+    if (word::member_status(c) == kMemberFree) continue;
+    if (word::member_status(c) == kMemberAlive) ++st.members;
+    for (uint32_t k = 0; k < kCounterCount; ++k) st.counters[k] += m->counters[k].load(std::memory_order_relaxed);
+  }
+  return st;
+}
+
+}  // namespace pykvshm

@@ -1,0 +1,77 @@
+"""Block keys: 16-byte chained hashes naming a prefix of tokens."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+__all__ = ["block_keys", "fold_key", "keys_buffer", "KeyLike"]
+
+KEY_BYTES = 16
+KeyLike = Union[bytes, bytearray, memoryview, int, np.ndarray]
+_ROOT_PERSON = b"pykvshm.root"
+_FOLD_PERSON = b"pykvshm.fold"
+
+
+def block_keys(tokens: Sequence[int] | np.ndarray, block_tokens: int, salt: bytes = b"") -> list[bytes]:
+    """One 16-byte key per *full* block of ``tokens``, chained.
+
+    ``key[i] = BLAKE2b-128(key[i-1] || tokens of block i as little-endian int64)``
+    with ``key[-1] = BLAKE2b-128(salt)``, so a key names the whole prefix up to
+    the end of its block, and the salt (model name, LoRA id, tenant) separates
+    caches that must not share KV.  A trailing partial block gets no key.
+    """
+    if isinstance(block_tokens, bool) or int(block_tokens) <= 0:
+        raise ValueError(f"block_tokens must be positive, got {block_tokens!r}")
+    block_tokens = int(block_tokens)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+    n = arr.size // block_tokens
+    data = np.ascontiguousarray(arr[: n * block_tokens], dtype="<i8").tobytes()
+    step = block_tokens * 8
+    prev = hashlib.blake2b(bytes(salt), digest_size=KEY_BYTES, person=_ROOT_PERSON).digest()
+    out = []
+    for i in range(n):
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
+        h.update(data[i * step : (i + 1) * step])
+        prev = h.digest()
+        out.append(prev)
+    return out
+
+
+def fold_key(key: KeyLike) -> bytes:
+    """A 16-byte key from any engine block hash.
+
+    16 bytes are used as they are; other bytes-like keys (vLLM's 32-byte block
+    hashes, say) are folded with BLAKE2b-128, and integers are taken as 64-bit
+    signed values first.  Deterministic across processes and hosts.
+    """
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        b = bytes(key)
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        b = int(key).to_bytes(16, "little", signed=True)
+    elif isinstance(key, np.ndarray):
+        b = key.tobytes()
+    else:
+        raise TypeError(f"a block key must be bytes-like or an int, got {type(key).__name__}")
+    if len(b) == KEY_BYTES:
+        return b
+    if not b:
+        raise ValueError("a block key must not be empty")
+    return hashlib.blake2b(b, digest_size=KEY_BYTES, person=_FOLD_PERSON).digest()
+
+
+def keys_buffer(keys: Iterable[Any] | np.ndarray) -> bytes:
+    """The keys as one contiguous buffer of 16 bytes each, for the core."""
+    if isinstance(keys, np.ndarray) and keys.dtype == np.uint8 and keys.ndim == 2 and keys.shape[1] == KEY_BYTES:
+        return np.ascontiguousarray(keys).tobytes()
+    if isinstance(keys, (bytes, bytearray, memoryview)):
+        raise TypeError("keys must be a sequence of keys, not one bytes object")
+    parts = [k if (type(k) is bytes and len(k) == KEY_BYTES) else fold_key(k) for k in keys]
+    return b"".join(parts)

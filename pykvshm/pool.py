@@ -1,0 +1,547 @@
+"""The pool: a shared KV block store that several processes map at once."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._arrays import check_blocks, host_address, is_cuda, is_torch
+from .errors import GeometryMismatchError, PoolClosedError, ShapeMismatchError, ViewsAliveError
+from .keys import keys_buffer
+from .spec import KVSpec, parse_size
+
+__all__ = ["Pool", "Lease", "Writer"]
+
+_COHERENCE = {"coherent": 0, "noncoherent": 1}
+_COHERENCE_NAMES = {v: k for k, v in _COHERENCE.items()}
+
+
+class _Anchor:
+    """The base object of zero-copy views: alive exactly as long as some view is."""
+
+    __slots__ = ("owner", "__weakref__")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+
+class _ViewTracker:
+    """Hands out one anchor at a time and knows whether views of it are still alive."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[_Anchor] | None = None
+
+    def anchor(self, owner: Any) -> _Anchor:
+        a = self._ref() if self._ref is not None else None
+        if a is None:
+            a = _Anchor(owner)
+            self._ref = weakref.ref(a)
+        return a
+
+    def alive(self) -> bool:
+        return self._ref is not None and self._ref() is not None
+
+
+def _block_array(buf: Any, spec: KVSpec) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint8).view(spec.np_dtype).reshape(spec.block_shape)
+
+
+class Pool:
+    """A handle on a shared KV pool.  One handle = one member of the pool.
+
+    Create a pool with :meth:`create`, attach from any process with :meth:`open`.
+    ``name`` is a POSIX shm name (the pool lives in /dev/shm/<name>) or an absolute
+    path: a file on tmpfs, hugetlbfs or a DAX filesystem, or a device-DAX
+    character device (/dev/daxX.Y).
+    """
+
+    def __init__(self, core: Any, name: str) -> None:
+        self._core = core
+        self._name = name
+        self._spec = KVSpec._from_geometry(core.geometry)
+        self._pid = os.getpid()
+        self._block_views: dict[int, _ViewTracker] = {}
+        self._children: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # ---- lifecycle ----
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        spec: KVSpec,
+        capacity: int | str = "512MiB",
+        *,
+        mode: int = 0o600,
+        prefault: bool = False,
+        huge_pages: bool = False,
+        numa_node: int | None = None,
+        coherence: str = "coherent",
+        checksums: bool = False,
+        host_id: int | None = None,
+        lease: float = 10.0,
+    ) -> "Pool":
+        """Create a pool of ``capacity`` bytes holding blocks of ``spec`` and attach to it.
+
+        ``prefault`` maps every page now (no first-touch cost later); ``huge_pages``
+        asks for 2 MiB pages (a hugetlbfs path always has them); ``numa_node`` binds
+        the memory to a NUMA node (CXL memory is a CPU-less node); ``coherence``
+        is ``"coherent"`` (one host, or CXL 3.x) or ``"noncoherent"`` (CXL 2.0
+        memory shared by several hosts); ``checksums`` stores a CRC32C per block and
+        verifies it on acquire; ``lease`` is the seconds after which a silent member
+        of another host is considered dead.
+        """
+        if not isinstance(spec, KVSpec):
+            raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
+        if coherence not in _COHERENCE:
+            raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
+        core = _core.Pool.create(
+            str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
+            spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
+            huge_pages=bool(huge_pages), numa_node=-1 if numa_node is None else int(numa_node),
+            coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
+            lease_s=float(lease),
+        )
+        return cls(core, str(name))
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        spec: KVSpec | None = None,
+        *,
+        prefault: bool = False,
+        huge_pages: bool = False,
+        numa_node: int | None = None,
+        host_id: int | None = None,
+        lease: float = 10.0,
+    ) -> "Pool":
+        """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry."""
+        core = _core.Pool.open(
+            str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
+            numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
+        )
+        pool = cls(core, str(name))
+        if spec is not None and pool.spec != spec:
+            core.close()
+            raise GeometryMismatchError(f"pool '{name}' holds {pool.spec}, but the caller expects {spec}")
+        return pool
+
+    @staticmethod
+    def destroy(name: str) -> None:
+        """Remove a pool's backing store.  Processes that have it mapped keep their mapping."""
+        _core.Pool.destroy(str(name))
+
+    @staticmethod
+    def path_for(name: str) -> str:
+        """Where the pool called ``name`` lives."""
+        return str(_core.Pool.path_for(str(name)))
+
+    def close(self) -> None:
+        """Release every pin, abort unfinished writes, leave the pool and unmap it.
+
+        Raises :class:`ViewsAliveError` while zero-copy views of this handle exist
+        (they would point at unmapped memory).
+        """
+        if self._core.closed:
+            return
+        if any(t.alive() for t in self._block_views.values()) or any(c._views.alive() for c in list(self._children)):
+            raise ViewsAliveError("zero-copy views of this pool are still alive; delete them before close()")
+        for child in list(self._children):
+            child._closed_by_pool()
+        self._core.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and not core.closed and os.getpid() == self._pid:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core.closed else f"{self.num_blocks} blocks"
+        return f"<pykvshm.Pool {self._name!r} {self._spec} {state}>"
+
+    # ---- description ----
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def spec(self) -> KVSpec:
+        return self._spec
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self._core.num_blocks)
+
+    @property
+    def path(self) -> str:
+        return str(self._core.path)
+
+    @property
+    def uuid(self) -> str:
+        u = bytes(self._core.uuid).hex()
+        return f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+
+    @property
+    def coherence(self) -> str:
+        return _COHERENCE_NAMES[int(self._core.coherence)]
+
+    @property
+    def checksums(self) -> bool:
+        return bool(self._core.block_checksums)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._core.closed)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self._core.total_bytes)
+
+    def _live(self) -> Any:
+        if self._core.closed:
+            raise PoolClosedError(f"pool '{self._name}' handle is closed")
+        return self._core
+
+    # ---- allocator ----
+    def alloc(self, n: int, *, evict: bool = True) -> np.ndarray:
+        """Allocate ``n`` blocks, all or nothing; returns their handles (uint64).
+
+        Evicts sealed, unpinned blocks when no block is free (unless ``evict=False``);
+        raises :class:`~pykvshm.errors.PoolFullError` when even that cannot make room.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        return self._live().alloc(n, bool(evict))
+
+    def free(self, handles: Iterable[int] | np.ndarray) -> None:
+        """Free blocks this handle allocated (and has not sealed)."""
+        h = np.ascontiguousarray(np.asarray(handles, dtype=np.uint64).reshape(-1))
+        for x in h.tolist():
+            t = self._block_views.get(x)
+            if t is not None and t.alive():
+                raise ViewsAliveError(f"views of block handle {x} are still alive; delete them before free()")
+        self._live().free(h)
+        for x in h.tolist():
+            self._block_views.pop(x, None)
+
+    def block_view(self, handle: int) -> np.ndarray:
+        """A writable zero-copy view (``spec.block_shape``) of a block this handle allocated."""
+        core = self._live()
+        h = int(handle)
+        tracker = self._block_views.setdefault(h, _ViewTracker())
+        buf = core.block_buffer(h, True, tracker.anchor(self))
+        return _block_array(buf, self._spec)
+
+    # ---- the prefix index ----
+    def match(self, keys: Iterable[Any] | np.ndarray) -> int:
+        """Number of leading ``keys`` whose blocks are in the pool (sealed)."""
+        return int(self._live().match(keys_buffer(keys)))
+
+    def publish(self, keys: Iterable[Any] | np.ndarray, data: Any) -> int:
+        """Store one block per key; ``data`` is ``(len(keys), *spec.block_shape)`` numpy or torch (CPU or CUDA).
+
+        Keys already present are skipped.  Returns how many blocks were newly stored.
+        A block becomes visible to readers only after all its bytes are written.
+        """
+        core = self._live()
+        kb = keys_buffer(keys)
+        n = len(kb) // 16
+        check_blocks(data, self._spec, n, "publish data")
+        if n == 0:
+            return 0
+        if is_cuda(data):
+            with self.writer(kb) as w:
+                w._copy_from_device(data)
+            return len(w)
+        addr, stride, keep = host_address(data, writable=False)
+        stored = int(core.publish(kb, addr, stride))
+        del keep
+        return stored
+
+    def acquire(self, keys: Iterable[Any] | np.ndarray) -> "Lease":
+        """Pin the longest present prefix of ``keys``; returns a :class:`Lease` on it (possibly empty)."""
+        core = self._live()
+        handles = core.acquire(keys_buffer(keys))
+        lease = Lease(self, handles)
+        self._children.add(lease)
+        return lease
+
+    def writer(self, keys: Iterable[Any] | np.ndarray) -> "Writer":
+        """Reserve blocks for the keys not yet present, to be filled and then committed."""
+        core = self._live()
+        kb = keys if isinstance(keys, bytes) else keys_buffer(keys)
+        positions, handles = core.reserve(kb)
+        w = Writer(self, positions, handles)
+        self._children.add(w)
+        return w
+
+    # ---- maintenance ----
+    def stats(self) -> dict[str, int]:
+        """Block accounting (total, free, writing, sealed, evicting, pinned), members and counters."""
+        return dict(self._live().stats())
+
+    def check(self, strict: bool = True) -> None:
+        """Verify the pool's invariants; raises CorruptPoolError on the first violation.
+
+        ``strict`` checks exact accounting and must be called when no operation is
+        in flight in any process; ``strict=False`` checks only what holds at all times.
+        """
+        self._live().check(bool(strict))
+
+    def recover(self) -> dict[str, int]:
+        """Reclaim what dead members held (blocks being written, pins, member slots)."""
+        return dict(self._live().recover())
+
+    def members(self) -> list[dict[str, Any]]:
+        """The attached members: slot, pid, host id, heartbeat, liveness."""
+        return [dict(m) for m in self._live().members()]
+
+
+class Lease:
+    """Pins on a prefix of blocks; the blocks cannot be evicted or reused until released.
+
+    ``views()`` gives read-only zero-copy numpy views.  A view keeps the lease
+    alive, and :meth:`release` refuses (``ViewsAliveError``) while views exist,
+    so a view can never silently outlive its pins.
+    """
+
+    def __init__(self, pool: Pool, handles: np.ndarray) -> None:
+        self._pool = pool
+        self._handles = handles
+        self._released = len(handles) == 0
+        self._views = _ViewTracker()
+
+    def __len__(self) -> int:
+        return 0 if self._released else len(self._handles)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.views())
+
+    @property
+    def handles(self) -> np.ndarray:
+        return self._handles.copy()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def _check(self) -> Any:
+        if self._released:
+            raise PoolError_released()
+        return self._pool._live()
+
+    def views(self) -> list[np.ndarray]:
+        """Read-only numpy views, one per block, shape ``spec.block_shape``; no copy."""
+        core = self._check()
+        anchor = self._views.anchor(self)
+        return [_block_array(core.block_buffer(int(h), False, anchor), self._pool.spec) for h in self._handles]
+
+    def copy_to(self, out: Any) -> Any:
+        """Copy the leased blocks into ``out`` of shape ``(len(lease), *spec.block_shape)``.
+
+        ``out`` is a numpy array or a torch tensor, on the CPU or on a CUDA device;
+        a CUDA copy is one DMA per block straight from the (registered) pool.
+        """
+        core = self._check()
+        spec = self._pool.spec
+        check_blocks(out, spec, len(self._handles), "copy_to destination")
+        if is_cuda(out):
+            from . import _torch
+
+            _torch.ensure_registered(int(core.address), int(core.total_bytes))
+            anchor = self._views.anchor(self)
+            bufs = [core.block_buffer(int(h), False, anchor) for h in self._handles]
+            _torch.copy_blocks_to_device(bufs, out)
+            del bufs, anchor
+            return out
+        addr, stride, keep = host_address(out, writable=True)
+        core.copy_out(self._handles, addr, stride)
+        del keep
+        return out
+
+    def release(self) -> None:
+        """Drop the pins.  Idempotent."""
+        if self._released:
+            return
+        if self._views.alive():
+            raise ViewsAliveError("views of this lease are still alive; delete them before release()")
+        self._released = True
+        if not self._pool._core.closed:
+            self._pool._core.release(self._handles)
+
+    def _closed_by_pool(self) -> None:
+        self._released = True
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            if not self._released and os.getpid() == self._pool._pid:
+                self.release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<pykvshm.Lease {len(self)} blocks{' released' if self._released else ''}>"
+
+
+def PoolError_released() -> Exception:
+    from .errors import InvalidHandleError
+
+    return InvalidHandleError("the lease has been released")
+
+
+class Writer:
+    """Blocks reserved for keys not yet in the pool, filled in place, then committed.
+
+    ``positions`` are the indices (into the keys given) this writer stores; the
+    other keys were already present or being written by someone else.  Use as a
+    context manager: leaving the block normally commits, an exception aborts.
+    """
+
+    def __init__(self, pool: Pool, positions: np.ndarray, handles: np.ndarray) -> None:
+        self._pool = pool
+        self._positions = positions
+        self._handles = handles
+        self._done = len(handles) == 0
+        self._views = _ViewTracker()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._positions.copy()
+
+    @property
+    def handles(self) -> np.ndarray:
+        return self._handles.copy()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _check(self) -> Any:
+        if self._done:
+            from .errors import InvalidHandleError
+
+            raise InvalidHandleError("the writer has already been committed or aborted")
+        return self._pool._live()
+
+    def views(self) -> list[np.ndarray]:
+        """Writable zero-copy views of the reserved blocks, shape ``spec.block_shape``."""
+        core = self._check()
+        anchor = self._views.anchor(self)
+        return [_block_array(core.block_buffer(int(h), True, anchor), self._pool.spec) for h in self._handles]
+
+    def write_layer(self, layer: int, kv: Any) -> None:
+        """Write layer ``layer`` of every reserved block from ``kv`` of shape
+        ``(len(writer), 2, block_tokens, num_kv_heads, head_dim)`` (numpy or torch)."""
+        core = self._check()
+        spec = self._pool.spec
+        if not 0 <= int(layer) < spec.num_layers:
+            raise ShapeMismatchError(f"layer {layer} is out of range for a {spec.num_layers}-layer pool")
+        check_blocks(kv, spec, len(self._handles), "write_layer data", per_block=spec.layer_shape)
+        anchor = self._views.anchor(self)
+        bufs = [core.block_buffer(int(h), True, anchor) for h in self._handles]
+        if is_torch(kv):
+            from . import _torch
+
+            if is_cuda(kv):
+                _torch.ensure_registered(int(core.address), int(core.total_bytes))
+            import torch
+
+            layer_bytes = spec.block_bytes // spec.num_layers
+            src = kv.reshape(kv.shape[0], -1).view(torch.uint8)
+            for j, b in enumerate(bufs):
+                _torch.host_block_tensor(b)[int(layer) * layer_bytes : (int(layer) + 1) * layer_bytes].copy_(
+                    src[j], non_blocking=is_cuda(kv))
+            if is_cuda(kv):
+                torch.cuda.current_stream(kv.device).synchronize()
+        else:
+            for j, b in enumerate(bufs):
+                _block_array(b, spec)[int(layer)] = kv[j]
+        del bufs, anchor
+
+    def write(self, data: Any) -> None:
+        """Write whole blocks: ``data`` has shape ``(len(writer), *spec.block_shape)``."""
+        self._check()
+        check_blocks(data, self._pool.spec, len(self._handles), "write data")
+        if is_cuda(data):
+            self._copy_from_device(data, rows=list(range(len(self._handles))))
+            return
+        for j, v in enumerate(self.views()):
+            v[...] = data[j] if not is_torch(data) else data[j].numpy()
+
+    def _copy_from_device(self, data: Any, rows: list[int] | None = None) -> None:
+        from . import _torch
+
+        core = self._check()
+        _torch.ensure_registered(int(core.address), int(core.total_bytes))
+        anchor = self._views.anchor(self)
+        bufs = [core.block_buffer(int(h), True, anchor) for h in self._handles]
+        _torch.copy_device_to_blocks(data, bufs, rows if rows is not None else [int(p) for p in self._positions])
+        del bufs, anchor
+
+    def commit(self) -> None:
+        """Seal the blocks and make them visible in the index."""
+        core = self._check()
+        if self._views.alive():
+            raise ViewsAliveError("writable views of this writer are still alive; delete them before commit()")
+        core.commit(self._handles)
+        self._done = True
+
+    def abort(self) -> None:
+        """Free the reserved blocks and withdraw their keys.  Idempotent."""
+        if self._done:
+            return
+        if self._views.alive():
+            raise ViewsAliveError("writable views of this writer are still alive; delete them before abort()")
+        self._done = True
+        if not self._pool._core.closed:
+            self._pool._core.abort(self._handles)
+
+    def _closed_by_pool(self) -> None:
+        self._done = True
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        try:
+            if not self._done and os.getpid() == self._pool._pid:
+                self.abort()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<pykvshm.Writer {len(self)} blocks{' done' if self._done else ''}>"
