@@ -325,7 +325,7 @@ class Lease:
     def __init__(self, pool: Pool, handles: np.ndarray) -> None:
         self._pool = pool
         self._handles = handles
-        self._released = len(handles) == 0
+        self._released = False
         self._views = _ViewTracker()
 
     def __len__(self) -> int:
@@ -383,7 +383,7 @@ class Lease:
         if self._views.alive():
             raise ViewsAliveError("views of this lease are still alive; delete them before release()")
         self._released = True
-        if not self._pool._core.closed:
+        if len(self._handles) and not self._pool._core.closed:
             self._pool._core.release(self._handles)
 
     def _closed_by_pool(self) -> None:

@@ -1,0 +1,48 @@
+"""Shared fixtures: unique pool names that are always cleaned up, a small KV geometry."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import pykvshm
+
+
+def unique_name(tag: str = "t") -> str:
+    return f"pykvshm-test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pool_name() -> Iterator[str]:
+    """A POSIX shm pool name no other test uses; the pool is destroyed afterwards."""
+    name = unique_name()
+    yield name
+    try:
+        pykvshm.Pool.destroy(name)
+    except pykvshm.errors.PoolNotFoundError:
+        pass
+
+
+@pytest.fixture
+def pool_path(tmp_path) -> Iterator[str]:
+    """An absolute file path for a pool (tmp_path lives on a regular filesystem)."""
+    yield str(tmp_path / "pool.kv")
+
+
+@pytest.fixture
+def spec() -> pykvshm.KVSpec:
+    """A small geometry: 2 layers, 2 kv heads, head_dim 8, 4-token blocks, float16 (512-byte blocks)."""
+    return pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+
+
+@pytest.fixture
+def pool(pool_name: str, spec: pykvshm.KVSpec) -> Iterator[pykvshm.Pool]:
+    p = pykvshm.Pool.create(pool_name, spec=spec, capacity="8MiB")
+    yield p
+    try:
+        p.close()
+    except pykvshm.errors.ViewsAliveError:
+        pass

@@ -1,0 +1,88 @@
+"""The on-media layout is pinned: an accidental change must fail here."""
+
+from __future__ import annotations
+
+from pykvshm import _core
+
+BUMP = "on-media layout changed: bump layout::kLayoutVersion and update docs/design/layout.md"
+
+EXPECTED = {
+    "layout_version": 1,
+    "page_bytes": 4096,
+    "data_align": 2 << 20,
+    "block_align": 64,
+    "max_members": 128,
+    "index_probe_limit": 64,
+    "max_blocks": (1 << 28) - 1,
+    "sizeof_superblock": 512,
+    "sizeof_control": 4096,
+    "sizeof_member_slot": 256,
+    "sizeof_block_desc": 64,
+    "sizeof_geometry": 40,
+}
+
+EXPECTED_OFFSETS = {
+    "superblock.layout_version": 8,
+    "superblock.header_bytes": 12,
+    "superblock.uuid": 16,
+    "superblock.total_bytes": 32,
+    "superblock.created_ns": 40,
+    "superblock.creator_pid": 48,
+    "superblock.coherence": 52,
+    "superblock.flags": 56,
+    "superblock.max_members": 60,
+    "superblock.geometry": 64,
+    "superblock.num_blocks": 104,
+    "superblock.index_slots": 112,
+    "superblock.index_probe_limit": 120,
+    "superblock.regions": 128,
+    "superblock.reserved": 240,
+    "superblock.checksum": 504,
+    "geometry.block_bytes": 24,
+    "geometry.block_stride": 32,
+    "control.free_hint": 0,
+    "control.clock_hand": 128,
+    "control.attach_seq": 256,
+    "control.retired": 1024,
+    "member.ctl": 0,
+    "member.start_time": 8,
+    "member.host_id": 16,
+    "member.heartbeat_ns": 24,
+    "member.attach_ns": 32,
+    "member.counters": 64,
+    "desc.pin_mask": 0,
+    "desc.key": 16,
+    "desc.crc": 32,
+    "desc.desc_flags": 36,
+}
+
+
+def test_layout_constants_pinned() -> None:
+    info = _core.layout_info()
+    for k, v in EXPECTED.items():
+        assert info[k] == v, f"{k}: {info[k]} != {v}; {BUMP}"
+
+
+def test_layout_offsets_pinned() -> None:
+    offsets = _core.layout_info()["offsets"]
+    assert set(offsets) == set(EXPECTED_OFFSETS), BUMP
+    for k, v in EXPECTED_OFFSETS.items():
+        assert offsets[k] == v, f"{k} at {offsets[k]}, expected {v}; {BUMP}"
+
+
+def test_region_plan_pinned(pool_name: str) -> None:
+    import pykvshm
+
+    spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="8MiB") as p:
+        with open(p.path, "rb") as f:
+            raw = f.read(512)
+    regions = [int.from_bytes(raw[128 + 16 * r : 136 + 16 * r], "little") for r in range(7)]
+    sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(7)]
+    nblocks = int.from_bytes(raw[104:112], "little")
+    # 8 MiB, 512-byte blocks: the data region starts at 2 MiB and fills the rest.
+    assert nblocks == (8 << 20) // 512 - (2 << 20) // 512, BUMP
+    assert regions[:5] == [4096, 8192, 8192 + 128 * 256, 8192 + 128 * 256 + nblocks * 8,
+                           8192 + 128 * 256 + nblocks * 8 + nblocks * 64], BUMP
+    assert regions[6] == 2 << 20 and sizes[6] == nblocks * 512, BUMP
+    assert sizes[4] == 8 * 32768, BUMP  # index: next power of two >= 2 * blocks
