@@ -1,0 +1,166 @@
+"""Many processes hammering one pool: no block is ever held twice, no reader sees a wrong block."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import time
+
+import numpy as np
+
+import pykvshm
+from pykvshm.testing import blocks_for_keys, verify_block
+
+CTX = mp.get_context("fork")
+
+
+def _alloc_worker(name: str, me: int, barrier, owners, seconds: float, errors, ops) -> None:
+    pool = pykvshm.Pool.open(name)
+    rng = random.Random(me)
+    barrier.wait()
+    held: list[int] = []
+    count = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if held and (rng.random() < 0.5 or len(held) > 256):
+                k = rng.randint(1, len(held))
+                batch, held = held[:k], held[k:]
+                for h in batch:
+                    v = pool.block_view(h)
+                    ok = bool((v.view(np.uint8) == (me * 37 + (h & 0xFF)) % 251).all())
+                    del v
+                    if not ok:
+                        errors.value += 1
+                    with owners.get_lock():
+                        if owners[h & 0xFFFFFFFF] != me:
+                            errors.value += 1
+                        owners[h & 0xFFFFFFFF] = 0
+                pool.free(np.array(batch, dtype=np.uint64))
+                count += len(batch)
+            else:
+                try:
+                    got = pool.alloc(rng.randint(1, 64), evict=False)
+                except pykvshm.errors.PoolFullError:
+                    continue
+                for h in got.tolist():
+                    with owners.get_lock():
+                        if owners[h & 0xFFFFFFFF] != 0:
+                            errors.value += 1  # handed to two holders at once
+                        owners[h & 0xFFFFFFFF] = me
+                    v = pool.block_view(h)
+                    v.view(np.uint8)[...] = (me * 37 + (h & 0xFF)) % 251
+                    del v
+                held.extend(got.tolist())
+                count += len(got)
+        for h in held:
+            with owners.get_lock():
+                owners[h & 0xFFFFFFFF] = 0
+        pool.free(np.array(held, dtype=np.uint64))
+        with ops.get_lock():
+            ops.value += count
+    finally:
+        pool.close()
+
+
+def test_concurrent_alloc_free_never_double_hands(pool_name: str) -> None:
+    spec = pykvshm.KVSpec(1, 1, 16, 16, "float16")  # 512-byte blocks
+    procs_n, seconds = 4, 3.0
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB") as pool:
+        n = pool.num_blocks
+        owners = CTX.Array("i", n)
+        errors = CTX.Value("i", 0)
+        ops = CTX.Value("q", 0)
+        barrier = CTX.Barrier(procs_n)
+        procs = [CTX.Process(target=_alloc_worker, args=(pool_name, i + 1, barrier, owners, seconds, errors, ops))
+                 for i in range(procs_n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+        assert errors.value == 0
+        assert ops.value > 10_000  # they really contended
+        pool.check()
+        s = pool.stats()
+        assert s["free"] == s["total"] == n and s["writing"] == 0 and s["members"] == 1
+
+
+def _publisher(name: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors) -> None:
+    pool = pykvshm.Pool.open(name)
+    spec = pool.spec
+    rng = random.Random(me)
+    barrier.wait()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pid = rng.randrange(prompts)
+        keys = pykvshm.block_keys(np.arange(blocks * spec.block_tokens) + pid * 1_000_000, spec.block_tokens,
+                                  salt=b"prompt")
+        upto = rng.randint(1, blocks)
+        try:
+            pool.publish(keys[:upto], blocks_for_keys(keys[:upto], spec))
+        except pykvshm.errors.PoolFullError:
+            pass
+    pool.close()
+
+
+def _reader(name: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors, reads) -> None:
+    pool = pykvshm.Pool.open(name)
+    spec = pool.spec
+    rng = random.Random(100 + me)
+    barrier.wait()
+    deadline = time.monotonic() + seconds
+    count = 0
+    out = np.empty((blocks, *spec.block_shape), dtype=spec.np_dtype)
+    while time.monotonic() < deadline:
+        pid = rng.randrange(prompts)
+        keys = pykvshm.block_keys(np.arange(blocks * spec.block_tokens) + pid * 1_000_000, spec.block_tokens,
+                                  salt=b"prompt")
+        with pool.acquire(keys) as lease:
+            n = len(lease)
+            if rng.random() < 0.5:
+                views = lease.views()
+                bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
+                del views
+            else:
+                lease.copy_to(out[:n])
+                bad = sum(not verify_block(out[j], keys[j]) for j in range(n))
+            time.sleep(rng.random() * 0.001)  # hold the pins a little while eviction runs
+        if bad:
+            errors.value += bad
+        count += n
+    with reads.get_lock():
+        reads.value += count
+    pool.close()
+
+
+def test_publish_acquire_under_eviction(pool_name: str) -> None:
+    spec = pykvshm.KVSpec(2, 2, 64, 16, "float16")  # 16 KiB blocks
+    prompts, blocks, seconds = 40, 12, 3.0
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB") as pool:
+        assert pool.num_blocks * 4 < prompts * blocks  # the working set is much bigger than the pool
+        errors = CTX.Value("i", 0)
+        reads = CTX.Value("q", 0)
+        barrier = CTX.Barrier(4)
+        procs = [CTX.Process(target=_publisher, args=(pool_name, i, barrier, seconds, prompts, blocks, errors))
+                 for i in range(2)]
+        procs += [CTX.Process(target=_reader, args=(pool_name, i, barrier, seconds, prompts, blocks, errors, reads))
+                  for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+        assert errors.value == 0, f"{errors.value} blocks read with the wrong content"
+        assert reads.value > 100
+        s = pool.stats()
+        assert s["evictions"] > 0 and s["pinned"] == 0 and s["writing"] == 0
+        pool.check()
+        # Everything still cached is intact.
+        for pid in range(prompts):
+            keys = pykvshm.block_keys(np.arange(blocks * spec.block_tokens) + pid * 1_000_000, spec.block_tokens,
+                                      salt=b"prompt")
+            with pool.acquire(keys) as lease:
+                views = lease.views()
+                assert all(verify_block(v, k) for v, k in zip(views, keys))
+                del views
