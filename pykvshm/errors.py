@@ -20,6 +20,7 @@ __all__ = [
     "ChecksumError",
     "PoolClosedError",
     "ForkedHandleError",
+    "MemberLostError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "ViewsAliveError",
@@ -92,6 +93,10 @@ class PoolClosedError(PoolError):
 
 class ForkedHandleError(PoolError):
     """A pool handle was used in a child after fork(); open the pool again there."""
+
+
+class MemberLostError(PoolError):
+    """This handle was declared dead (its heartbeat lease expired) and recovered; open the pool again."""
 
 
 class ShapeMismatchError(PoolError, ValueError):

@@ -426,7 +426,7 @@ class Writer:
         self._pool = pool
         self._positions = positions
         self._handles = handles
-        self._done = len(handles) == 0
+        self._done = False
         self._views = _ViewTracker()
 
     def __len__(self) -> int:

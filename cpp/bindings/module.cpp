@@ -39,6 +39,7 @@ void register_errors(py::module_& m) {
         case ErrorCode::kChecksum: name = "ChecksumError"; break;
         case ErrorCode::kClosed: name = "PoolClosedError"; break;
         case ErrorCode::kForked: name = "ForkedHandleError"; break;
+        case ErrorCode::kMemberLost: name = "MemberLostError"; break;
         case ErrorCode::kPool: break;
       }
       py::object cls = py::module_::import("pykvshm.errors").attr(name);

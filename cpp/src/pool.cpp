@@ -8,7 +8,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <thread>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -23,7 +26,51 @@ using namespace layout;
 namespace {
 
 std::atomic<uint64_t> g_fork_gen{0};
-void on_fork_child() { g_fork_gen.fetch_add(1, std::memory_order_relaxed); }
+
+// One light timer thread per process keeps the heartbeats of its open pools
+// fresh while the process is idle (members of other hosts judge liveness by the
+// heartbeat alone).  It sleeps between beats; no busy thread per pool.
+class HeartbeatTimer {
+ public:
+  void add(Pool* p) {
+    std::lock_guard<std::mutex> lk(mu_);
+    pools_.push_back(p);
+    if (!started_) {
+      started_ = true;
+      std::thread([this] { run(); }).detach();
+    }
+  }
+  void remove(Pool* p) {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = pools_.begin(); it != pools_.end(); ++it)
+      if (*it == p) {
+        pools_.erase(it);
+        break;
+      }
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_.wait_for(lk, std::chrono::milliseconds(250));
+      for (Pool* p : pools_) p->heartbeat();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Pool*> pools_;
+  bool started_ = false;
+};
+
+// Leaked on purpose: the timer thread may outlive static destruction.
+std::atomic<HeartbeatTimer*> g_timer{new HeartbeatTimer()};
+
+void on_fork_child() {
+  g_fork_gen.fetch_add(1, std::memory_order_relaxed);
+  // The child has no timer thread and the parent's mutex may be held: start afresh.
+  g_timer.store(new HeartbeatTimer(), std::memory_order_relaxed);
+}
 const bool g_atfork_registered = [] {
   pthread_atfork(nullptr, nullptr, on_fork_child);
   return true;
@@ -161,6 +208,7 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
   p->attach_member();
+  g_timer.load(std::memory_order_relaxed)->add(p.get());
   p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
   return p;
 }
@@ -184,6 +232,9 @@ void Pool::ensure_usable() {
   if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
   if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
+  if (member(slot_)->ctl.load(std::memory_order_acquire) != word::member(kMemberAlive, epoch_, pid_))
+    raise(ErrorCode::kMemberLost, "this pool handle was declared dead by another member (heartbeat lease expired) and "
+                                  "its blocks and pins were reclaimed; open the pool again");
 }
 
 void Pool::heartbeat() noexcept {
@@ -352,6 +403,7 @@ RecoveryReport Pool::recover() {
 
 void Pool::close() {
   if (!map_.base()) return;
+  g_timer.load(std::memory_order_relaxed)->remove(this);
   if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) {
     // The parent still owns the member slot; a forked child only drops its mapping.
     map_.unmap();
@@ -388,6 +440,7 @@ void Pool::close() {
 
 void Pool::abandon() noexcept {
   // Drop the mapping and forget the slot, as if the process had died here.
+  g_timer.load(std::memory_order_relaxed)->remove(this);
   map_.unmap();
 }
 

@@ -25,6 +25,7 @@ enum class ErrorCode {
   kChecksum,        // ChecksumError: block bytes do not match their checksum
   kClosed,          // PoolClosedError
   kForked,          // ForkedHandleError
+  kMemberLost,      // MemberLostError: this handle was declared dead and recovered
 };
 
 class Error : public std::runtime_error {

@@ -1,0 +1,216 @@
+"""kill -9 torture: workers publish, acquire, allocate and recover in loops and are killed at random.
+
+Used by tests/crash/test_torture.py (a few hundred kills in CI) and bench/torture.py
+(thousands).  After every round all workers are dead; a survivor recovers and then
+checks, exactly:
+
+* no block leaked: nothing is WRITING or EVICTING, nothing is pinned, free + sealed == total;
+* ``check(strict=True)`` passes (index and states agree, no key stored twice);
+* every cached block has the content its key implies, and no worker ever read a
+  block whose bytes were not its key's (workers count wrong reads in shared memory
+  with no lock, so a killed worker cannot wedge the count).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import PoolError, PoolFullError
+from ..keys import block_keys
+from ..pool import Pool
+from ..spec import KVSpec
+from .content import blocks_for_keys, verify_block
+
+_CTX = mp.get_context("fork")
+_MAX_WORKERS = 1 << 16
+
+
+@dataclass
+class TortureReport:
+    kills: int = 0
+    rounds: int = 0
+    workers_started: int = 0
+    members_recovered: int = 0
+    blocks_reclaimed: int = 0  # by the end-of-round survivor
+    pins_dropped: int = 0  # by the end-of-round survivor
+    leaked_blocks: int = 0
+    leaked_pins: int = 0
+    wrong_reads: int = 0
+    verified_reads: int = 0
+    check_failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ok(self) -> bool:
+        return self.leaked_blocks == 0 and self.leaked_pins == 0 and self.wrong_reads == 0 and not self.check_failures
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _prompt_keys(spec: KVSpec, prompt: int, blocks: int) -> list[bytes]:
+    tokens = np.arange(blocks * spec.block_tokens, dtype=np.int64) + prompt * 1_000_003
+    return block_keys(tokens, spec.block_tokens, salt=b"torture")
+
+
+def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, reads, parent: int) -> None:
+    """Loops until killed.  Never takes a lock shared with other processes."""
+    rng = random.Random(seed)
+    try:
+        pool = Pool.open(name)
+    except PoolError:
+        os._exit(3)
+    spec = pool.spec
+    out = np.empty((blocks, *spec.block_shape), dtype=spec.np_dtype)
+    held: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and os.getppid() == parent:
+        op = rng.random()
+        try:
+            if op < 0.40:
+                keys = _prompt_keys(spec, rng.randrange(prompts), blocks)
+                upto = rng.randint(1, blocks)
+                if rng.random() < 0.5:
+                    pool.publish(keys[:upto], blocks_for_keys(keys[:upto], spec))
+                else:
+                    with pool.writer(keys[:upto]) as w:
+                        pos = w.positions
+                        data = blocks_for_keys([keys[int(p)] for p in pos], spec)
+                        for layer in range(spec.num_layers):
+                            w.write_layer(layer, np.ascontiguousarray(data[:, layer]))
+            elif op < 0.80:
+                keys = _prompt_keys(spec, rng.randrange(prompts), blocks)
+                with pool.acquire(keys) as lease:
+                    n = len(lease)
+                    if rng.random() < 0.5:
+                        views = lease.views()
+                        bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
+                        del views
+                    else:
+                        lease.copy_to(out[:n])
+                        bad = sum(not verify_block(out[j], keys[j]) for j in range(n))
+                if bad:
+                    wrong[slot] += bad
+                reads[slot] += n
+            elif op < 0.92:
+                if held and rng.random() < 0.5:
+                    pool.free(np.array(held, dtype=np.uint64))
+                    held = []
+                else:
+                    held.extend(pool.alloc(rng.randint(1, 8)).tolist())
+            else:
+                pool.recover()
+        except PoolFullError:
+            if held:
+                pool.free(np.array(held, dtype=np.uint64))
+                held = []
+    os._exit(0)
+
+
+def run_torture(
+    name: str,
+    *,
+    kills: int,
+    procs: int = 3,
+    spec: KVSpec | None = None,
+    capacity: str | int = "3MiB",
+    prompts: int = 24,
+    blocks: int = 8,
+    kills_per_round: int = 10,
+    seed: int = 0,
+    coherence: str = "coherent",
+    progress: Callable[[TortureReport], None] | None = None,
+) -> TortureReport:
+    """Create pool ``name``, torture it until ``kills`` workers were SIGKILLed, destroy it, report."""
+    spec = spec or KVSpec(2, 2, 32, 16, "float16")  # 8 KiB blocks
+    rng = random.Random(seed)
+    rep = TortureReport()
+    t0 = time.monotonic()
+    wrong = _CTX.RawArray("q", _MAX_WORKERS)
+    reads = _CTX.RawArray("q", _MAX_WORKERS)
+    pool = Pool.create(name, spec=spec, capacity=capacity, coherence=coherence)
+    try:
+        live: list[mp.process.BaseProcess] = []
+
+        def start() -> None:
+            slot = rep.workers_started % _MAX_WORKERS
+            p = _CTX.Process(target=_worker, args=(name, slot, rng.randrange(1 << 30), prompts, blocks, wrong, reads,
+                                                   os.getpid()), daemon=True)
+            p.start()
+            rep.workers_started += 1
+            live.append(p)
+
+        while rep.kills < kills:
+            for _ in range(procs):
+                start()
+            for _ in range(kills_per_round):
+                if rep.kills >= kills:
+                    break
+                time.sleep(rng.uniform(0.002, 0.03))
+                victim = live.pop(rng.randrange(len(live)))
+                _kill(victim, rep)
+                start()  # the replacement recovers the victim on attach, and may itself be killed doing so
+            # End of round: kill the rest, then recover and check from the survivor (this process).
+            for p in live:
+                _kill(p, rep)
+            live.clear()
+            rep.rounds += 1
+            _check_round(pool, spec, prompts, blocks, rep)
+            if progress:
+                progress(rep)
+    finally:
+        rep.wrong_reads = int(sum(wrong))
+        rep.verified_reads = int(sum(reads))
+        rep.seconds = time.monotonic() - t0
+        try:
+            pool.close()
+        finally:
+            Pool.destroy(name)
+    return rep
+
+
+def _kill(p: mp.process.BaseProcess, rep: TortureReport) -> None:
+    try:
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    except ProcessLookupError:
+        pass
+    p.join(10)
+    if p.exitcode == -signal.SIGKILL:
+        rep.kills += 1
+    else:
+        rep.check_failures.append(f"worker {p.pid} ended by itself with exit code {p.exitcode} (an error in the worker)")
+
+
+def _check_round(pool: Pool, spec: KVSpec, prompts: int, blocks: int, rep: TortureReport) -> None:
+    r = pool.recover()
+    rep.blocks_reclaimed += r["blocks_freed"]
+    rep.pins_dropped += r["pins_dropped"]
+    members = pool.members()
+    if len(members) != 1:
+        rep.check_failures.append(f"round {rep.rounds}: {len(members) - 1} dead members left after recover()")
+    s = pool.stats()
+    rep.members_recovered = s["recovered_members"]  # by any process: replacements recover on attach
+    leaked = s["writing"] + s["evicting"]
+    if s["free"] + s["sealed"] + leaked != s["total"]:
+        rep.check_failures.append(f"round {rep.rounds}: accounting does not add up: {s}")
+    rep.leaked_blocks += leaked
+    rep.leaked_pins += s["pinned"]
+    try:
+        pool.check(strict=True)
+    except PoolError as e:
+        rep.check_failures.append(f"round {rep.rounds}: {e}")
+    for prompt in range(prompts):
+        keys = _prompt_keys(spec, prompt, blocks)
+        with pool.acquire(keys) as lease:
+            views = lease.views()
+            bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
+            del views
+        if bad:
+            rep.check_failures.append(f"round {rep.rounds}: {bad} cached blocks of prompt {prompt} hold wrong bytes")
