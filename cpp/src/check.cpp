@@ -23,7 +23,10 @@ void Pool::check(bool strict) const {
   uint64_t in_use[2] = {0, 0};
   for (uint32_t s = 0; s < max_members_; ++s) {
     uint64_t c = member(s)->ctl.load(std::memory_order_acquire);
-    if (word::member_status(c) != kMemberFree) in_use[s / 64] |= 1ull << (s % 64);
+    if (word::member_status(c) == kMemberFree) continue;
+    in_use[s / 64] |= 1ull << (s % 64);
+    if (strict && member_dead(s, c))
+      fail("member slot " + std::to_string(s) + " belongs to a dead process and has not been recovered (run recover())");
   }
   std::vector<uint8_t> entries(nblocks_, 0);
   for (uint64_t i = 0; i < nblocks_; ++i) {

@@ -1,6 +1,7 @@
 // Creating, attaching to and detaching from a pool; the member table.
 #include "pykvshm/pool.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -94,17 +95,28 @@ uint64_t realtime_ns() {
 }
 
 uint64_t process_start_time(uint32_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto rp = all.rfind(')');
-  if (rp == std::string::npos) return 0;
-  std::istringstream rest(all.substr(rp + 2));
-  std::string field;
+  // Plain read(2): the process may exit while we read, and /proc then answers
+  // ESRCH, which must mean "gone", never an exception.
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%u/stat", pid);
+  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[1024];
+  ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  const char* rp = std::strrchr(buf, ')');
+  if (!rp) return 0;
   // Fields after the command name start at field 3 (state); starttime is field 22.
-  for (int i = 3; i <= 22; ++i) {
-    if (!(rest >> field)) return 0;
+  const char* p = rp + 1;
+  for (int field = 3; field <= 22; ++field) {
+    while (*p == ' ') ++p;
+    if (!*p) return 0;
+    if (field == 22) return std::strtoull(p, nullptr, 10);
+    while (*p && *p != ' ') ++p;
   }
-  return std::strtoull(field.c_str(), nullptr, 10);
+  return 0;
 }
 
 uint64_t local_host_id() {

@@ -46,18 +46,19 @@ const char* code_name(ErrorCode c) {
     case ErrorCode::kChecksum: return "kChecksum";
     case ErrorCode::kClosed: return "kClosed";
     case ErrorCode::kForked: return "kForked";
+    default: break;
   }
-  return "?";
+  return "(another code)";
 }
 
 // Runs `stmt`, which must throw pykvshm::Error with `code`.
-#define EXPECT_CODE(stmt, code)                                                                       \
+#define EXPECT_CODE(stmt, want)                                                                       \
   do {                                                                                                \
     try {                                                                                             \
       stmt;                                                                                           \
-      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(code);                       \
+      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(want);                       \
     } catch (const ::pykvshm::Error& e_) {                                                            \
-      EXPECT_EQ(e_.code(), code) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
+      EXPECT_EQ(e_.code(), want) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
     }                                                                                                 \
   } while (0)
 
@@ -244,7 +245,7 @@ TEST_F(AllocatorTest, ForeignOwner) {
 
 TEST_F(AllocatorTest, OutOfRangeHandle) {
   Pool& p = create(8);
-  for (uint64_t bad : {word::handle(0, 8), word::handle(1, 9), word::handle(0, 0xffffffffu), ~0ull}) {
+  for (uint64_t bad : std::vector<uint64_t>{word::handle(0, 8), word::handle(1, 9), word::handle(0, 0xffffffffu), ~0ull}) {
     SCOPED_TRACE(bad);
     EXPECT_CODE(p.free(&bad, 1), ErrorCode::kInvalidHandle);
     EXPECT_CODE(p.writable_block(bad), ErrorCode::kInvalidHandle);

@@ -45,17 +45,18 @@ const char* code_name(ErrorCode c) {
     case ErrorCode::kChecksum: return "kChecksum";
     case ErrorCode::kClosed: return "kClosed";
     case ErrorCode::kForked: return "kForked";
+    default: break;
   }
-  return "?";
+  return "(another code)";
 }
 
-#define EXPECT_CODE(stmt, code)                                                                       \
+#define EXPECT_CODE(stmt, want)                                                                       \
   do {                                                                                                \
     try {                                                                                             \
       stmt;                                                                                           \
-      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(code);                       \
+      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(want);                       \
     } catch (const ::pykvshm::Error& e_) {                                                            \
-      EXPECT_EQ(e_.code(), code) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
+      EXPECT_EQ(e_.code(), want) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
     }                                                                                                 \
   } while (0)
 

@@ -317,8 +317,9 @@ const char* code_name(ErrorCode c) {
     case ErrorCode::kChecksum: return "kChecksum";
     case ErrorCode::kClosed: return "kClosed";
     case ErrorCode::kForked: return "kForked";
+    default: break;
   }
-  return "?";
+  return "(another code)";
 }
 
 std::string shm_name_for_test() {
