@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 import pykvshm
-
-
-def unique_name(tag: str = "t") -> str:
-    return f"pykvshm-test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+from pykvshm.testing import unique_name
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pykvshm.testing import unique_name
 from pykvshm.testing.torture import run_torture
-
-from ..conftest import unique_name
 
 
 def test_torture_200_kills() -> None:
