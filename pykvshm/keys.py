@@ -8,7 +8,7 @@ from typing import Any, Union
 
 import numpy as np
 
-__all__ = ["block_keys", "fold_key", "keys_buffer", "KeyLike"]
+__all__ = ["BlockKeys", "block_keys", "fold_key", "keys_buffer", "KeyLike"]
 
 KEY_BYTES = 16
 KeyLike = Union[bytes, bytearray, memoryview, int, np.ndarray]
@@ -16,7 +16,77 @@ _ROOT_PERSON = b"pykvshm.root"
 _FOLD_PERSON = b"pykvshm.fold"
 
 
-def block_keys(tokens: Sequence[int] | np.ndarray, block_tokens: int, salt: bytes = b"") -> list[bytes]:
+class BlockKeys(list):  # type: ignore[type-arg]
+    """A list of 16-byte keys that also keeps them joined, so the pool gets them without a copy loop.
+
+    Behaves as a plain ``list[bytes]``; slicing gives another BlockKeys.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self, keys: Iterable[bytes] = (), buffer: bytes | None = None) -> None:
+        super().__init__(keys)
+        self._buffer = buffer
+
+    @property
+    def buffer(self) -> bytes:
+        if self._buffer is None or len(self._buffer) != KEY_BYTES * len(self):
+            self._buffer = b"".join(self)
+        return self._buffer
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            items = list.__getitem__(self, i)
+            start, stop, step = i.indices(len(self))
+            buf = self.buffer[KEY_BYTES * start : KEY_BYTES * stop] if step == 1 else None
+            return BlockKeys(items, buf)
+        return list.__getitem__(self, i)
+
+    def __add__(self, other):  # type: ignore[no-untyped-def]
+        if isinstance(other, BlockKeys):
+            return BlockKeys(list.__add__(self, other), self.buffer + other.buffer)
+        return list.__add__(self, other)
+
+    # Mutations invalidate the joined buffer.
+    def _touch(self) -> None:
+        self._buffer = None
+
+    def append(self, k: bytes) -> None:  # type: ignore[override]
+        super().append(k)
+        self._touch()
+
+    def extend(self, ks: Iterable[bytes]) -> None:  # type: ignore[override]
+        super().extend(ks)
+        self._touch()
+
+    def __setitem__(self, i, v):  # type: ignore[no-untyped-def]
+        super().__setitem__(i, v)
+        self._touch()
+
+    def __delitem__(self, i):  # type: ignore[no-untyped-def]
+        super().__delitem__(i)
+        self._touch()
+
+    def insert(self, i, v):  # type: ignore[no-untyped-def]
+        super().insert(i, v)
+        self._touch()
+
+    def pop(self, i=-1):  # type: ignore[no-untyped-def]
+        v = super().pop(i)
+        self._touch()
+        return v
+
+    def remove(self, v):  # type: ignore[no-untyped-def]
+        super().remove(v)
+        self._touch()
+
+    def __iadd__(self, other):  # type: ignore[no-untyped-def]
+        r = super().__iadd__(other)
+        self._touch()
+        return r
+
+
+def block_keys(tokens: Sequence[int] | np.ndarray, block_tokens: int, salt: bytes = b"") -> BlockKeys:
     """One 16-byte key per *full* block of ``tokens``, chained.
 
     ``key[i] = BLAKE2b-128(key[i-1] || tokens of block i as little-endian int64)``
@@ -37,12 +107,13 @@ def block_keys(tokens: Sequence[int] | np.ndarray, block_tokens: int, salt: byte
     step = block_tokens * 8
     prev = hashlib.blake2b(bytes(salt), digest_size=KEY_BYTES, person=_ROOT_PERSON).digest()
     out = []
+    mv = memoryview(data)
     for i in range(n):
         h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
-        h.update(data[i * step : (i + 1) * step])
+        h.update(mv[i * step : (i + 1) * step])
         prev = h.digest()
         out.append(prev)
-    return out
+    return BlockKeys(out)
 
 
 def fold_key(key: KeyLike) -> bytes:
@@ -69,6 +140,8 @@ def fold_key(key: KeyLike) -> bytes:
 
 def keys_buffer(keys: Iterable[Any] | np.ndarray) -> bytes:
     """The keys as one contiguous buffer of 16 bytes each, for the core."""
+    if type(keys) is BlockKeys:
+        return keys.buffer
     if isinstance(keys, np.ndarray) and keys.dtype == np.uint8 and keys.ndim == 2 and keys.shape[1] == KEY_BYTES:
         return np.ascontiguousarray(keys).tobytes()
     if isinstance(keys, (bytes, bytearray, memoryview)):

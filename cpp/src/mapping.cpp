@@ -237,6 +237,13 @@ void Mapping::map(const MapOptions& opt) {
   if (p == MAP_FAILED) raise(ErrorCode::kPool, "cannot map pool " + path_ + ": " + errno_text(errno));
   base_ = static_cast<uint8_t*>(p);
   size_ = file_size_;
+  if (opt.prefault) {
+    // MAP_POPULATE maps a shared mapping's pages read-only, so the first store
+    // to each page still faults.  MADV_POPULATE_WRITE (Linux 5.14) installs
+    // writable entries without touching the data; older kernels keep MAP_POPULATE's.
+    constexpr int kMadvPopulateWrite = 23;
+    (void)madvise(base_, size_, kMadvPopulateWrite);
+  }
   if (opt.huge_pages && !huge_) {
     if (madvise(base_, size_, MADV_HUGEPAGE) != 0) {
       int e = errno;
