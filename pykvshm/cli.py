@@ -1,0 +1,225 @@
+"""The ``pykvshm`` command: create, inspect, recover and remove pools; run the demo.
+
+Human output by default, ``--json`` for scripts.  Errors are one line on stderr and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from typing import Any, Callable
+
+from . import __version__
+from .errors import PoolError
+from .pool import Pool
+from .spec import KVSpec, parse_size
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _out(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(human(data))
+
+
+def _info_dict(pool: Pool) -> dict[str, Any]:
+    s = pool.spec
+    return {
+        "name": pool.name,
+        "path": pool.path,
+        "uuid": pool.uuid,
+        "layout_version": int(__import__("pykvshm._core", fromlist=["x"]).layout_info()["layout_version"]),
+        "coherence": pool.coherence,
+        "checksums": pool.checksums,
+        "total_bytes": pool.total_bytes,
+        "num_blocks": pool.num_blocks,
+        "created": _dt.datetime.fromtimestamp(pool._core.created_ns / 1e9, _dt.timezone.utc).isoformat(),
+        "spec": {
+            "num_layers": s.num_layers,
+            "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "block_tokens": s.block_tokens,
+            "dtype": s.dtype,
+            "block_bytes": s.block_bytes,
+        },
+        "members": [m for m in pool.members() if not m["self"]],
+    }
+
+
+def _human_info(d: dict[str, Any]) -> str:
+    s = d["spec"]
+    lines = [
+        f"pool        {d['name']}  ({d['path']})",
+        f"uuid        {d['uuid']}",
+        f"layout      version {d['layout_version']}, {d['coherence']}, checksums {'on' if d['checksums'] else 'off'}",
+        f"size        {d['total_bytes'] / 2**20:.1f} MiB, {d['num_blocks']} blocks of {s['block_bytes']} bytes",
+        f"geometry    {s['num_layers']} layers x 2 x {s['block_tokens']} tokens x {s['num_kv_heads']} kv heads x "
+        f"{s['head_dim']} ({s['dtype']})",
+        f"created     {d['created']}",
+        f"members     {len(d['members'])}",
+    ]
+    for m in d["members"]:
+        lines.append(f"  slot {m['slot']:3d}  pid {m['pid']:7d}  {m['status']:10s}  {'alive' if m['alive'] else 'DEAD'}"
+                     f"  host {m['host_id']:#018x}")
+    return "\n".join(lines)
+
+
+def _human_stat(s: dict[str, Any]) -> str:
+    acq = s["hits"] + s["misses"]
+    rate = f"{100.0 * s['hits'] / acq:.1f}%" if acq else "n/a"
+    return (
+        f"blocks   total {s['total']}  free {s['free']}  sealed {s['sealed']}  writing {s['writing']}  "
+        f"pinned {s['pinned']}  evicting {s['evicting']}\n"
+        f"prefix   hits {s['hits']}  misses {s['misses']}  hit rate {rate}  evictions {s['evictions']}\n"
+        f"bytes    in {s['bytes_in']}  out {s['bytes_out']}  published {s['published']}  "
+        f"duplicates {s['duplicates']}\n"
+        f"members  {s['members']} attached, {s['recovered_members']} recovered"
+    )
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    spec = KVSpec(args.layers, args.kv_heads, args.head_dim, args.block_tokens, args.dtype)
+    with Pool.create(args.name, spec=spec, capacity=parse_size(args.capacity), mode=int(args.mode, 8),
+                     prefault=args.prefault, huge_pages=args.huge_pages, numa_node=args.numa_node,
+                     coherence=args.coherence, checksums=args.checksums) as pool:
+        _out(args, _info_dict(pool), _human_info)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with Pool.open(args.name) as pool:
+        _out(args, _info_dict(pool), _human_info)
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with Pool.open(args.name) as pool:
+        if not args.watch:
+            _out(args, pool.stats(), _human_stat)
+            return 0
+        try:
+            while True:
+                s = pool.stats()
+                if args.json:
+                    print(json.dumps(s, sort_keys=True), flush=True)
+                else:
+                    print(f"--- {time.strftime('%H:%M:%S')}\n{_human_stat(s)}", flush=True)
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    with Pool.open(args.name) as pool:
+        # Attaching already recovers; run it once more and report the total work done.
+        before = pool.stats()["recovered_members"]
+        r = pool.recover()
+        r["recovered_members_total"] = pool.stats()["recovered_members"]
+        r["recovered_on_attach"] = before
+        _out(args, r, lambda d: f"recovered {d['members_recovered']} dead members now "
+                                f"({d['blocks_freed']} blocks freed, {d['pins_dropped']} pins dropped); "
+                                f"{d['recovered_members_total']} recovered in the pool's lifetime")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with Pool.open(args.name) as pool:
+        pool.check(strict=not args.live)
+        _out(args, {"ok": True, "strict": not args.live}, lambda d: "pool is consistent")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    Pool.destroy(args.name)
+    _out(args, {"destroyed": args.name}, lambda d: f"destroyed {d['destroyed']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pykvshm", description="Shared-memory KV-cache pools for disaggregated LLM serving.")
+    ap.add_argument("--version", action="version", version=f"pykvshm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("create", cmd_create, "create a pool")
+    p.add_argument("name", help="POSIX shm name (in /dev/shm) or absolute path")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--kv-heads", type=int, required=True)
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--capacity", default="512MiB")
+    p.add_argument("--mode", default="600", help="octal permission bits (default 600)")
+    p.add_argument("--prefault", action="store_true")
+    p.add_argument("--huge-pages", action="store_true")
+    p.add_argument("--numa-node", type=int, default=None)
+    p.add_argument("--coherence", choices=["coherent", "noncoherent"], default="coherent")
+    p.add_argument("--checksums", action="store_true", help="store and verify a CRC32C per block")
+
+    p = add("info", cmd_info, "geometry, layout version, coherence mode and members of a pool")
+    p.add_argument("name")
+    p = add("stat", cmd_stat, "live counters: blocks free/sealed/pinned, hit rate, evictions, bytes")
+    p.add_argument("name")
+    p.add_argument("--watch", action="store_true", help="print again every --interval seconds until ^C")
+    p.add_argument("--interval", type=float, default=1.0)
+    p = add("recover", cmd_recover, "reclaim what dead processes held")
+    p.add_argument("name")
+    p = add("check", cmd_check, "verify the pool's invariants")
+    p.add_argument("name")
+    p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
+    p = add("destroy", cmd_destroy, "remove a pool")
+    p.add_argument("name")
+    p = add("demo", cmd_demo, "prefill -> pool -> decode on a real transformer's KV cache, beside baselines")
+    p.add_argument("--requests", type=int, default=24, help="number of requests in the workload")
+    p.add_argument("--prompt-tokens", type=int, default=384, help="mean prompt length")
+    p.add_argument("--shared-prefix", type=int, default=256, help="tokens of the shared system prompt")
+    p.add_argument("--shared-fraction", type=float, default=0.5, help="fraction of requests that share it")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--rate", type=float, default=8.0, help="mean request arrival rate (Poisson), per second")
+    p.add_argument("--baselines", default="tcp,nixl,recompute", help="comma-separated: tcp, nixl, mooncake, recompute")
+    p.add_argument("--pool", default="pykvshm-demo", help="shm name of the pool (created, destroyed after)")
+    p.add_argument("--out", default="pykvshm-demo", help="folder for the report (JSON) and plot (PNG)")
+    p.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except PoolError as e:
+        print(f"pykvshm {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, TypeError, OSError) as e:
+        print(f"pykvshm {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
