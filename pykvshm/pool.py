@@ -63,12 +63,16 @@ class Pool:
     """
 
     def __init__(self, core: Any, name: str) -> None:
+        self._pid = os.getpid()
         self._core = core
         self._name = name
-        self._spec = KVSpec._from_geometry(core.geometry)
-        self._pid = os.getpid()
         self._block_views: dict[int, _ViewTracker] = {}
         self._children: weakref.WeakSet[Any] = weakref.WeakSet()
+        try:
+            self._spec = KVSpec._from_geometry(core.geometry)
+        except Exception:
+            core.close()
+            raise
 
     # ---- lifecycle ----
     @classmethod
@@ -123,15 +127,16 @@ class Pool:
         lease: float = 10.0,
     ) -> "Pool":
         """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry."""
+        if spec is not None and not isinstance(spec, KVSpec):
+            raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
+        expect = None if spec is None else (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens,
+                                             spec.dtype_code, spec.itemsize)
         core = _core.Pool.open(
             str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
             numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
+            expect=expect,
         )
-        pool = cls(core, str(name))
-        if spec is not None and pool.spec != spec:
-            core.close()
-            raise GeometryMismatchError(f"pool '{name}' holds {pool.spec}, but the caller expects {spec}")
-        return pool
+        return cls(core, str(name))
 
     @staticmethod
     def destroy(name: str) -> None:
@@ -267,7 +272,7 @@ class Pool:
         if n == 0:
             return 0
         if is_cuda(data):
-            with self.writer(kb) as w:
+            with self._writer(kb) as w:
                 w._copy_from_device(data)
             return len(w)
         addr, stride, keep = host_address(data, writable=False)
@@ -285,8 +290,10 @@ class Pool:
 
     def writer(self, keys: Iterable[Any] | np.ndarray) -> "Writer":
         """Reserve blocks for the keys not yet present, to be filled and then committed."""
+        return self._writer(keys_buffer(keys))
+
+    def _writer(self, kb: bytes) -> "Writer":
         core = self._live()
-        kb = keys if isinstance(keys, bytes) else keys_buffer(keys)
         positions, handles = core.reserve(kb)
         w = Writer(self, positions, handles)
         self._children.add(w)
@@ -343,9 +350,10 @@ class Lease:
         return self._released
 
     def _check(self) -> Any:
+        core = self._pool._live()
         if self._released:
             raise PoolError_released()
-        return self._pool._live()
+        return core
 
     def views(self) -> list[np.ndarray]:
         """Read-only numpy views, one per block, shape ``spec.block_shape``; no copy."""
@@ -445,11 +453,12 @@ class Writer:
         return self._done
 
     def _check(self) -> Any:
+        core = self._pool._live()
         if self._done:
             from .errors import InvalidHandleError
 
             raise InvalidHandleError("the writer has already been committed or aborted")
-        return self._pool._live()
+        return core
 
     def views(self) -> list[np.ndarray]:
         """Writable zero-copy views of the reserved blocks, shape ``spec.block_shape``."""

@@ -7,6 +7,7 @@ private copy of its superblock before anything is mapped writable or any member 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
@@ -60,12 +61,28 @@ def patch(path: str, edit) -> None:
 def assert_rejected(path: str, cls: type[BaseException], *words: str, spec: pykvshm.KVSpec | None = None) -> None:
     """open(path) raises exactly ``cls`` (or a subclass), its message names ``words``, the file is unchanged."""
     before = file_hash(path)
-    with pytest.raises(cls) as info:
-        pykvshm.Pool.open(path, spec=spec)
-    msg = str(info.value)
+    unraisable: list[str] = []
+    old_hook = sys.unraisablehook
+    # A half-built Pool must not fail later in __del__ either; catch that here, not at some later test.
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value} in {u.object!r}")
+    try:
+        try:
+            pykvshm.Pool.open(path, spec=spec)
+        except BaseException as e:
+            got, msg = e, str(e)
+        else:
+            got, msg = None, ""
+        name = type(got).__name__
+        del got
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert name != "NoneType", f"open() accepted the pool; expected {cls.__name__}"
+    assert issubclass(getattr(E, name, Exception), cls), f"open() raised {name}: {msg!r}; expected {cls.__name__}"
     for w in words:
         assert w.lower() in msg.lower(), f"{cls.__name__} message {msg!r} does not mention {w!r}"
-    assert file_hash(path) == before, f"opening the rejected pool modified {path}"
+    assert file_hash(path) == before, f"opening the rejected pool ({name}: {msg!r}) modified {path}"
+    assert not unraisable, f"the rejected open left an object that failed when collected: {unraisable}"
 
 
 @pytest.fixture
@@ -247,6 +264,51 @@ def test_inconsistent_block_bytes_are_corrupt(pool_file: str) -> None:
     assert_rejected(pool_file, E.CorruptPoolError, "block sizes")
 
 
+DTYPE_CODE_AT = OFF["superblock.geometry"] + 16  # Geometry.dtype_code
+
+
+@pytest.mark.parametrize("code", [0, 9, 255])
+def test_unknown_dtype_code_is_corrupt(pool_file: str, code: int) -> None:
+    # Passes every core check once the checksum is recomputed; must still be refused before attaching.
+    def edit(buf: bytearray) -> None:
+        struct.pack_into("<I", buf, DTYPE_CODE_AT, code)
+        fix_checksum(buf)
+
+    patch(pool_file, edit)
+    assert_rejected(pool_file, E.CorruptPoolError, "dtype")
+
+
+def test_refused_open_leaves_nothing_that_fails_when_collected(pool_file: str) -> None:
+    # Whatever class the refusal has, a half-built pykvshm.Pool must not raise in __del__ (it is an error
+    # under -W error, reported against whichever test happens to be running at collection time).
+    def edit(buf: bytearray) -> None:
+        struct.pack_into("<I", buf, DTYPE_CODE_AT, 0)
+        fix_checksum(buf)
+
+    patch(pool_file, edit)
+    unraisable: list[str] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value} in {u.object!r}")
+    try:
+        with pytest.raises(E.PoolError):
+            pykvshm.Pool.open(pool_file)
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert not unraisable, unraisable
+
+
+@pytest.mark.parametrize("code", [6, 3], ids=["int8-code-2-byte-size", "float32-code-2-byte-size"])
+def test_dtype_code_disagreeing_with_dtype_size_is_corrupt(pool_file: str, code: int) -> None:
+    # The spec built from the code would have another block size than the core uses: views and copies break.
+    def edit(buf: bytearray) -> None:
+        struct.pack_into("<I", buf, DTYPE_CODE_AT, code)
+        fix_checksum(buf)
+
+    patch(pool_file, edit)
+    assert_rejected(pool_file, E.CorruptPoolError, "dtype")
+
+
 # ---- (h) wrong spec ----
 
 def test_wrong_spec_names_both_geometries(pool_file: str, spec: pykvshm.KVSpec) -> None:
@@ -254,7 +316,9 @@ def test_wrong_spec_names_both_geometries(pool_file: str, spec: pykvshm.KVSpec) 
                            block_tokens=spec.block_tokens * 2, dtype=spec.dtype)
     with pytest.raises(E.GeometryMismatchError) as info:
         pykvshm.Pool.open(pool_file, spec=other)
-    assert repr(spec) in str(info.value) and repr(other) in str(info.value)
+    msg = str(info.value)
+    assert f"holds 2 layers, 2 kv heads, head_dim 8, {spec.block_tokens}-token blocks, float16" in msg
+    assert f"expects 2 layers, 2 kv heads, head_dim 8, {other.block_tokens}-token blocks, float16" in msg
 
 
 def test_wrong_spec_leaves_the_file_unchanged(pool_file: str, spec: pykvshm.KVSpec) -> None:

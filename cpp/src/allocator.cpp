@@ -147,7 +147,7 @@ void Pool::alloc(size_t n, bool evict, uint64_t* out) {
   add_counter(kCtrAllocs, n);
 }
 
-void Pool::check_handle_owned(uint64_t h, uint64_t expect_kind, const char* what) const {
+void Pool::check_handle_owned(uint64_t h, uint64_t expect_kind, const char* what, bool freeing) const {
   uint64_t i = word::handle_index(h);
   if (i >= nblocks_)
     raise(ErrorCode::kInvalidHandle, std::string(what) + ": block handle " + std::to_string(h) + " names block " +
@@ -157,8 +157,11 @@ void Pool::check_handle_owned(uint64_t h, uint64_t expect_kind, const char* what
     raise(ErrorCode::kStaleHandle, std::string(what) + ": block " + std::to_string(i) + " handle has generation " +
                                        std::to_string(word::handle_gen(h)) + " but the block is now at generation " +
                                        std::to_string(word::gen(s)) + " (stale handle)");
-  if (expect_kind == kWriting && word::kind(s) == kFree)
-    raise(ErrorCode::kDoubleFree, std::string(what) + ": block " + std::to_string(i) + " is already free (double free)");
+  if (expect_kind == kWriting && word::kind(s) == kFree) {
+    if (freeing)
+      raise(ErrorCode::kDoubleFree, std::string(what) + ": block " + std::to_string(i) + " is already free (double free)");
+    raise(ErrorCode::kStaleHandle, std::string(what) + ": block " + std::to_string(i) + " has been freed (stale handle)");
+  }
   if (word::kind(s) != expect_kind)
     raise(ErrorCode::kInvalidHandle, std::string(what) + ": block " + std::to_string(i) + " is not a block being written");
   if (word::owner(s) != slot_)
@@ -171,7 +174,7 @@ void Pool::free(const uint64_t* handles, size_t n) {
   std::vector<uint64_t> seen(handles, handles + n);
   std::sort(seen.begin(), seen.end());
   for (size_t j = 0; j < n; ++j) {
-    check_handle_owned(handles[j], kWriting, "free");
+    check_handle_owned(handles[j], kWriting, "free", true);
     if (j && seen[j] == seen[j - 1])
       raise(ErrorCode::kDoubleFree, "free: block " + std::to_string(word::handle_index(seen[j])) + " appears twice (double free)");
   }

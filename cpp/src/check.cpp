@@ -18,7 +18,7 @@ namespace pykvshm {
 using namespace layout;
 
 void Pool::check(bool strict) const {
-  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  ensure_open();
   auto fail = [](const std::string& what) { raise(ErrorCode::kCorrupt, "pool check failed: " + what); };
   uint64_t in_use[2] = {0, 0};
   for (uint32_t s = 0; s < max_members_; ++s) {

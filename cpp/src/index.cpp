@@ -306,6 +306,7 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
 
 void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
+  ensure_open();
   std::lock_guard<std::mutex> lk(pin_mu_);
   for (size_t j = 0; j < n; ++j) {
     const uint64_t i = word::handle_index(handles[j]);

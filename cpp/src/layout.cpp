@@ -45,11 +45,21 @@ std::string mib(uint64_t b) { return std::to_string(b >> 20) + " MiB"; }
 
 }  // namespace
 
+uint32_t dtype_size_for_code(uint32_t code) {
+  // Stable dtype codes (pykvshm/spec.py): 1 float16, 2 bfloat16, 3 float32, 4 float8_e4m3fn,
+  // 5 float8_e5m2, 6 int8, 7 uint8, 8 float64.
+  static constexpr uint32_t kSizes[] = {0, 2, 2, 4, 1, 1, 1, 1, 8};
+  return code < sizeof(kSizes) / sizeof(kSizes[0]) ? kSizes[code] : 0;
+}
+
 Geometry make_geometry(const GeometryIn& in) {
   if (!in.num_layers || !in.num_kv_heads || !in.head_dim || !in.block_tokens)
     raise(ErrorCode::kGeometry, "every KV geometry dimension must be positive");
-  if (in.dtype_size != 1 && in.dtype_size != 2 && in.dtype_size != 4 && in.dtype_size != 8)
-    raise(ErrorCode::kGeometry, "dtype size must be 1, 2, 4 or 8 bytes");
+  uint32_t size = dtype_size_for_code(in.dtype_code);
+  if (size == 0) raise(ErrorCode::kGeometry, "unknown dtype code " + std::to_string(in.dtype_code));
+  if (in.dtype_size != size)
+    raise(ErrorCode::kGeometry, "dtype code " + std::to_string(in.dtype_code) + " has " + std::to_string(size) +
+                                    "-byte elements, not " + std::to_string(in.dtype_size));
   Geometry g{};
   g.num_layers = in.num_layers;
   g.num_kv_heads = in.num_kv_heads;

@@ -190,12 +190,25 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
   return open(name, opt);
 }
 
-std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt) {
+std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
   std::unique_ptr<Pool> p(new Pool());
   p->map_ = Mapping::open(name, opt.map);
   // Validate from a private copy before mapping anything writable.
   auto head = p->map_.read_prefix(sizeof(Superblock));
   validate_superblock(head.data(), head.size(), p->map_.file_size(), name);
+  if (expect) {
+    const Geometry& g = reinterpret_cast<const Superblock*>(head.data())->geometry;
+    auto desc = [](uint32_t l, uint32_t h, uint32_t d, uint32_t t, uint32_t c) {
+      static const char* kNames[] = {"?", "float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "float64"};
+      return std::to_string(l) + " layers, " + std::to_string(h) + " kv heads, head_dim " + std::to_string(d) + ", " +
+             std::to_string(t) + "-token blocks, " + (c < 9 ? kNames[c] : "dtype ?");
+    };
+    if (g.num_layers != expect->num_layers || g.num_kv_heads != expect->num_kv_heads || g.head_dim != expect->head_dim ||
+        g.block_tokens != expect->block_tokens || g.dtype_code != expect->dtype_code)
+      raise(ErrorCode::kGeometry, "pool '" + name + "' holds " + desc(g.num_layers, g.num_kv_heads, g.head_dim, g.block_tokens, g.dtype_code) +
+                                      ", but the caller expects " +
+                                      desc(expect->num_layers, expect->num_kv_heads, expect->head_dim, expect->block_tokens, expect->dtype_code));
+  }
   p->map_.map(opt.map);
   // The superblock must not have changed between the read and the map.
   if (std::memcmp(head.data(), p->map_.base(), 8) != 0 ||
@@ -249,6 +262,12 @@ void Pool::ensure_usable() {
                                   "its blocks and pins were reclaimed; open the pool again");
 }
 
+void Pool::ensure_open() const {
+  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
+    raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
+}
+
 void Pool::heartbeat() noexcept {
   uint64_t now = realtime_ns();
   uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
@@ -266,38 +285,56 @@ void Pool::flush(const void* p, size_t n) const noexcept {
   if (coherence_ == Coherence::kNoncoherent) visibility::flush_range(p, n);
 }
 
+bool Pool::claim_slot(uint32_t i, uint64_t start_time) {
+  MemberSlot* m = member(i);
+  uint64_t c = m->ctl.load(std::memory_order_acquire);
+  if (word::member_status(c) != kMemberFree) return false;
+  uint32_t epoch = word::member_epoch(c) + 1;
+  uint32_t now_s = uint32_t(realtime_ns() / 1'000'000'000ull);
+  uint64_t claiming = word::member(kMemberClaiming, epoch, now_s);
+  if (!m->ctl.cas(c, claiming, std::memory_order_acq_rel)) return false;
+  // The slot is ours; describe ourselves, then become ALIVE.
+  m->start_time.store(start_time, std::memory_order_relaxed);
+  m->host_id.store(host_id_, std::memory_order_relaxed);
+  uint64_t now = realtime_ns();
+  m->heartbeat_ns.store(now, std::memory_order_relaxed);
+  m->attach_ns.store(now, std::memory_order_relaxed);
+  for (auto& ctr : m->counters) ctr.store(0, std::memory_order_relaxed);
+  flush(m, sizeof(MemberSlot));
+  // SYNC POINT: member-alive.  Identity fields happen-before ALIVE.
+  uint64_t expect = claiming;
+  if (!m->ctl.cas(expect, word::member(kMemberAlive, epoch, pid_), std::memory_order_release)) return false;
+  flush(&m->ctl, 8);
+  slot_ = i;
+  epoch_ = epoch;
+  last_heartbeat_.store(now, std::memory_order_relaxed);
+  return true;
+}
+
 void Pool::attach_member() {
-  recover();
+  // Recovery needs an identity (a live member slot) so that exactly one process
+  // recovers each dead member; so attach first, then recover.  The last slot is
+  // kept for a process that finds every other slot taken: it attaches there,
+  // recovers the dead, leaves, and tries again.
   uint64_t start = process_start_time(pid_);
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    for (uint32_t i = 0; i < max_members_; ++i) {
-      MemberSlot* m = member(i);
-      uint64_t c = m->ctl.load(std::memory_order_acquire);
-      if (word::member_status(c) != kMemberFree) continue;
-      uint32_t epoch = word::member_epoch(c) + 1;
-      uint32_t now_s = uint32_t(realtime_ns() / 1'000'000'000ull);
-      uint64_t claiming = word::member(kMemberClaiming, epoch, now_s);
-      if (!m->ctl.cas(c, claiming, std::memory_order_acq_rel)) continue;
-      // The slot is ours; describe ourselves, then become ALIVE.
-      m->start_time.store(start, std::memory_order_relaxed);
-      m->host_id.store(host_id_, std::memory_order_relaxed);
-      uint64_t now = realtime_ns();
-      m->heartbeat_ns.store(now, std::memory_order_relaxed);
-      m->attach_ns.store(now, std::memory_order_relaxed);
-      for (auto& ctr : m->counters) ctr.store(0, std::memory_order_relaxed);
-      flush(m, sizeof(MemberSlot));
-      // SYNC POINT: member-alive.  Identity fields happen-before ALIVE.
-      uint64_t expect = claiming;
-      if (!m->ctl.cas(expect, word::member(kMemberAlive, epoch, pid_), std::memory_order_release)) continue;
-      flush(&m->ctl, 8);
-      slot_ = i;
-      epoch_ = epoch;
-      last_heartbeat_.store(now, std::memory_order_relaxed);
-      return;
+  const uint32_t spare = max_members_ - 1;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    for (uint32_t i = 0; i < spare; ++i) {
+      if (claim_slot(i, start)) {
+        do_recover();
+        return;
+      }
     }
-    recover();
+    if (!claim_slot(spare, start)) break;
+    RecoveryReport r = do_recover();
+    uint64_t c = word::member(kMemberAlive, epoch_, pid_);
+    member(spare)->ctl.cas(c, word::member(kMemberFree, epoch_, 0), std::memory_order_release);
+    flush(&member(spare)->ctl, 8);
+    slot_ = 0;
+    epoch_ = 0;
+    if (r.members_recovered == 0) break;
   }
-  raise(ErrorCode::kMembersFull, "all " + std::to_string(max_members_) +
+  raise(ErrorCode::kMembersFull, "all " + std::to_string(spare) +
                                      " member slots of the pool are held by live processes; close some pool handles");
 }
 
@@ -344,8 +381,12 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
 }
 
 RecoveryReport Pool::recover() {
+  ensure_usable();
+  return do_recover();
+}
+
+RecoveryReport Pool::do_recover() {
   RecoveryReport rep;
-  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
   std::vector<uint32_t> mine;
   const uint32_t me = word::recoverer(slot_, epoch_);
   for (uint32_t s = 0; s < max_members_; ++s) {
@@ -458,7 +499,7 @@ void Pool::abandon() noexcept {
 
 std::vector<MemberInfo> Pool::members() const {
   std::vector<MemberInfo> out;
-  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  ensure_open();
   for (uint32_t s = 0; s < max_members_; ++s) {
     const MemberSlot* m = member(s);
     uint64_t c = m->ctl.load(std::memory_order_acquire);
@@ -480,7 +521,7 @@ std::vector<MemberInfo> Pool::members() const {
 }
 
 Stats Pool::stats() const {
-  if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
+  ensure_open();
   Stats st;
   st.total = nblocks_;
   for (uint64_t i = 0; i < nblocks_; ++i) {

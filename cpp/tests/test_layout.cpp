@@ -195,7 +195,7 @@ TEST(LayoutPins, WordEncodings) {
   // Index entry: 1 | fingerprint:15 | gen:20 | index:28
   PIN(word::entry(0, 0, 0), 1ull << 63);
   PIN(word::entry(0x7fff, 0, 0), 0xffff000000000000ull);
-  PIN(word::entry(0, 0xfffff, 0), 0x0000fffff0000000ull);
+  PIN(word::entry(0, 0xfffff, 0), 0x8000fffff0000000ull);
   PIN(word::entry(0, 0, 0x0fffffff), 0x800000000fffffffull);
   PIN(word::entry(1, 0x100001, 3), 0x8001000010000003ull);  // gen keeps its low 20 bits
   // Member ctl: status:2 | epoch:30 | payload:32

@@ -66,7 +66,8 @@ struct LayoutPlan {
   layout::RegionDesc regions[layout::kRegionCount]{};
 };
 LayoutPlan plan_layout(const layout::Geometry& g, uint64_t capacity_bytes, uint64_t size_align);
-layout::Geometry make_geometry(const GeometryIn& in);
+layout::Geometry make_geometry(const GeometryIn& in);  // throws kGeometry on an invalid geometry
+uint32_t dtype_size_for_code(uint32_t code);           // 0 for an unknown code
 
 // Validates a superblock image (the first bytes of a pool) against the size of
 // its backing store.  Throws the matching Error; never writes anything.
@@ -77,7 +78,9 @@ class Pool {
  public:
   static std::unique_ptr<Pool> create(const std::string& name, const GeometryIn& g, uint64_t capacity,
                                       const PoolOptions& opt);
-  static std::unique_ptr<Pool> open(const std::string& name, const PoolOptions& opt);
+  // With `expect`, a pool of another geometry is refused before anything is written.
+  static std::unique_ptr<Pool> open(const std::string& name, const PoolOptions& opt,
+                                    const GeometryIn* expect = nullptr);
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
@@ -134,7 +137,10 @@ class Pool {
  private:
   Pool() = default;
   void attach_member();
-  void ensure_usable();
+  bool claim_slot(uint32_t slot, uint64_t start_time);
+  RecoveryReport do_recover();
+  void ensure_usable();          // open, not forked, still a member
+  void ensure_open() const;      // open and not forked (read-only operations)
   bool member_dead(uint32_t slot, uint64_t ctl) const;
   bool reclaim_member(uint32_t slot, RecoveryReport& rep);
   uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
@@ -154,7 +160,7 @@ class Pool {
   void remove_entry(uint64_t index, uint32_t gen) noexcept;
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
   void unpin(uint64_t index) noexcept;
-  void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what) const;
+  void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
   void flush(const void* p, size_t n) const noexcept;
 
   layout::Superblock* sb() const { return reinterpret_cast<layout::Superblock*>(map_.base()); }
