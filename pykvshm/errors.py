@@ -21,6 +21,10 @@ __all__ = [
     "PoolClosedError",
     "ForkedHandleError",
     "MemberLostError",
+    "TransferError",
+    "TransferTimeoutError",
+    "TransferAbortedError",
+    "TransferGoneError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "ViewsAliveError",
@@ -97,6 +101,22 @@ class ForkedHandleError(PoolError):
 
 class MemberLostError(PoolError):
     """This handle was declared dead (its heartbeat lease expired) and recovered; open the pool again."""
+
+
+class TransferError(PoolError):
+    """Base class of the layer-wise transfer errors."""
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """A wait for a transfer (or one of its layers) ran out of time."""
+
+
+class TransferAbortedError(TransferError):
+    """The transfer was aborted by its producer or a consumer, or its producer died."""
+
+
+class TransferGoneError(TransferError, LookupError):
+    """No such transfer, or its channel has finished and been reused."""
 
 
 class ShapeMismatchError(PoolError, ValueError):

@@ -40,6 +40,9 @@ void register_errors(py::module_& m) {
         case ErrorCode::kClosed: name = "PoolClosedError"; break;
         case ErrorCode::kForked: name = "ForkedHandleError"; break;
         case ErrorCode::kMemberLost: name = "MemberLostError"; break;
+        case ErrorCode::kTimeout: name = "TransferTimeoutError"; break;
+        case ErrorCode::kAborted: name = "TransferAbortedError"; break;
+        case ErrorCode::kGone: name = "TransferGoneError"; break;
         case ErrorCode::kPool: break;
       }
       py::object cls = py::module_::import("pykvshm.errors").attr(name);
@@ -67,6 +70,9 @@ py::dict layout_info() {
   d["sizeof_member_slot"] = sizeof(MemberSlot);
   d["sizeof_block_desc"] = sizeof(BlockDesc);
   d["sizeof_geometry"] = sizeof(Geometry);
+  d["sizeof_channel"] = sizeof(Channel);
+  d["transfer_channels"] = kTransferChannels;
+  d["transfer_max_blocks_cap"] = kTransferMaxBlocksCap;
   py::dict off;
   off["superblock.layout_version"] = offsetof(Superblock, layout_version);
   off["superblock.header_bytes"] = offsetof(Superblock, header_bytes);
@@ -81,6 +87,17 @@ py::dict layout_info() {
   off["superblock.num_blocks"] = offsetof(Superblock, num_blocks);
   off["superblock.index_slots"] = offsetof(Superblock, index_slots);
   off["superblock.index_probe_limit"] = offsetof(Superblock, index_probe_limit);
+  off["superblock.transfer_max_blocks"] = offsetof(Superblock, transfer_max_blocks);
+  off["control.channel_event"] = offsetof(Control, channel_event);
+  off["channel.ctl"] = offsetof(Channel, ctl);
+  off["channel.ready"] = offsetof(Channel, ready);
+  off["channel.waiters"] = offsetof(Channel, waiters);
+  off["channel.req_key"] = offsetof(Channel, req_key);
+  off["channel.first_key"] = offsetof(Channel, first_key);
+  off["channel.num_blocks"] = offsetof(Channel, num_blocks);
+  off["channel.num_layers"] = offsetof(Channel, num_layers);
+  off["channel.open_ns"] = offsetof(Channel, open_ns);
+  off["channel.done_ns"] = offsetof(Channel, done_ns);
   off["superblock.regions"] = offsetof(Superblock, regions);
   off["superblock.reserved"] = offsetof(Superblock, reserved);
   off["superblock.checksum"] = offsetof(Superblock, checksum);
@@ -107,7 +124,7 @@ py::dict layout_info() {
   regions["states"] = int(kRegionStates);
   regions["descriptors"] = int(kRegionDescriptors);
   regions["index"] = int(kRegionIndex);
-  regions["reserved"] = int(kRegionReserved);
+  regions["transfer"] = int(kRegionTransfer);
   regions["data"] = int(kRegionData);
   d["regions"] = regions;
   return d;

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "bindings.h"
@@ -294,6 +295,76 @@ void register_pool(py::module_& m) {
              }
              return out;
            })
+      .def("transfer_open",
+           [](Pool& p, const py::bytes& req, const py::buffer& keys) {
+             std::string r = req;
+             if (r.size() != 16) throw py::value_error("request key must be 16 bytes");
+             py::buffer_info info;
+             KeyBuf k = keys_of(keys, info);
+             Pool::TransferRef t;
+             {
+               py::gil_scoped_release rel;
+               t = p.transfer_open(reinterpret_cast<const uint8_t*>(r.data()), k.ptr, k.n);
+             }
+             return py::make_tuple(t.channel, t.epoch);
+           })
+      .def("transfer_put_layer",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t src, uint64_t stride) {
+             py::gil_scoped_release rel;
+             p.transfer_put_layer({ch, epoch}, layer, reinterpret_cast<const uint8_t*>(src), stride);
+           })
+      .def("transfer_finish",
+           [](Pool& p, uint32_t ch, uint32_t epoch) {
+             py::gil_scoped_release rel;
+             p.transfer_finish({ch, epoch});
+           })
+      .def("transfer_abort",
+           [](Pool& p, uint32_t ch, uint32_t epoch) {
+             py::gil_scoped_release rel;
+             p.transfer_abort({ch, epoch});
+           })
+      .def("transfer_attach",
+           [](Pool& p, std::optional<py::bytes> req, std::optional<py::bytes> first, uint32_t n, double timeout_s) {
+             std::string r = req ? std::string(*req) : std::string();
+             std::string f = first ? std::string(*first) : std::string();
+             if ((req && r.size() != 16) || (first && f.size() != 16)) throw py::value_error("keys must be 16 bytes");
+             if (!req && !first) throw py::value_error("give a request key or a first block key");
+             uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
+             Pool::TransferRef t;
+             {
+               py::gil_scoped_release rel;
+               t = p.transfer_attach(req ? reinterpret_cast<const uint8_t*>(r.data()) : nullptr,
+                                     first ? reinterpret_cast<const uint8_t*>(f.data()) : nullptr, n, ns);
+             }
+             return py::make_tuple(t.channel, t.epoch);
+           },
+           py::arg("req"), py::arg("first"), py::arg("n"), py::arg("timeout_s"))
+      .def("transfer_info",
+           [](const Pool& p, uint32_t ch, uint32_t epoch) {
+             auto i = p.transfer_info({ch, epoch});
+             const char* st[] = {"free", "filling", "open", "done", "aborted", "?", "?", "?"};
+             py::dict d;
+             d["num_blocks"] = i.num_blocks;
+             d["num_layers"] = i.num_layers;
+             d["layers_ready"] = i.ready & layout::kReadyCount;
+             d["done"] = (i.ready & layout::kReadyDone) != 0;
+             d["aborted"] = (i.ready & layout::kReadyAborted) != 0;
+             d["status"] = st[i.status & 7];
+             d["cached"] = i.cached;
+             return d;
+           })
+      .def("transfer_wait",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, double timeout_s) {
+             uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
+             py::gil_scoped_release rel;
+             p.transfer_wait({ch, epoch}, layer, ns);
+           })
+      .def("transfer_copy_layer",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t dst, uint64_t stride) {
+             py::gil_scoped_release rel;
+             p.transfer_copy_layer({ch, epoch}, layer, reinterpret_cast<uint8_t*>(dst), stride);
+           })
+      .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
       .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())
       .def("heartbeat", &Pool::heartbeat);
 }

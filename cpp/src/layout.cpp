@@ -35,7 +35,9 @@ uint64_t layout_for(const Geometry& g, uint64_t n, LayoutPlan* p) {
   off += p->regions[kRegionDescriptors].size;
   p->regions[kRegionIndex] = {off, p->index_slots * 8};
   off += p->regions[kRegionIndex].size;
-  p->regions[kRegionReserved] = {off, 0};
+  p->transfer_max_blocks = uint32_t(std::min<uint64_t>(n, kTransferMaxBlocksCap));
+  p->regions[kRegionTransfer] = {off, uint64_t(kTransferChannels) * (sizeof(Channel) + 8ull * p->transfer_max_blocks)};
+  off += p->regions[kRegionTransfer].size;
   off = align_up(off, kDataAlign);
   p->regions[kRegionData] = {off, n * g.block_stride};
   return off + n * g.block_stride;
@@ -151,6 +153,8 @@ void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, con
   // an exact match, which covers bounds, alignment, ordering and overlap at once.
   LayoutPlan p{};
   uint64_t end = layout_for(g, sb->num_blocks, &p);
+  if (sb->transfer_max_blocks != p.transfer_max_blocks)
+    raise(ErrorCode::kCorrupt, who + " has an invalid transfer channel size");
   if (sb->index_slots != p.index_slots)
     raise(ErrorCode::kCorrupt, who + " has an index of " + std::to_string(sb->index_slots) + " slots, expected " +
                                    std::to_string(p.index_slots));

@@ -94,29 +94,42 @@ uint64_t realtime_ns() {
   return uint64_t(ts.tv_sec) * 1'000'000'000ull + uint64_t(ts.tv_nsec);
 }
 
-uint64_t process_start_time(uint32_t pid) {
+ProcState process_state(uint32_t pid, uint64_t* start_time) {
   // Plain read(2): the process may exit while we read, and /proc then answers
   // ESRCH, which must mean "gone", never an exception.
+  *start_time = 0;
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%u/stat", pid);
   int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
+  if (fd < 0) return errno == ENOENT || errno == ESRCH ? ProcState::kGone : ProcState::kUnknown;
   char buf[1024];
   ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  int e = errno;
   ::close(fd);
-  if (n <= 0) return 0;
+  if (n <= 0) return n == 0 || e == ESRCH ? ProcState::kGone : ProcState::kUnknown;
   buf[n] = 0;
   const char* rp = std::strrchr(buf, ')');
-  if (!rp) return 0;
+  if (!rp) return ProcState::kUnknown;
   // Fields after the command name start at field 3 (state); starttime is field 22.
+  // A zombie ('Z') or dead ('X') process can no longer touch the pool.
   const char* p = rp + 1;
   for (int field = 3; field <= 22; ++field) {
     while (*p == ' ') ++p;
-    if (!*p) return 0;
-    if (field == 22) return std::strtoull(p, nullptr, 10);
+    if (!*p) return ProcState::kUnknown;
+    if (field == 3 && (*p == 'Z' || *p == 'X')) return ProcState::kGone;
+    if (field == 22) {
+      *start_time = std::strtoull(p, nullptr, 10);
+      return ProcState::kAlive;
+    }
     while (*p && *p != ' ') ++p;
   }
-  return 0;
+  return ProcState::kUnknown;
+}
+
+uint64_t process_start_time(uint32_t pid) {
+  uint64_t st = 0;
+  process_state(pid, &st);
+  return st;
 }
 
 uint64_t local_host_id() {
@@ -171,6 +184,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     sb->num_blocks = p.num_blocks;
     sb->index_slots = p.index_slots;
     sb->index_probe_limit = kIndexProbeLimit;
+    sb->transfer_max_blocks = p.transfer_max_blocks;
     std::memcpy(sb->regions, p.regions, sizeof p.regions);
     sb->checksum = superblock_checksum(sb);
     auto control = reinterpret_cast<Control*>(base + p.regions[kRegionControl].offset);
@@ -224,6 +238,8 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->desc_off_ = sb->regions[kRegionDescriptors].offset;
   p->index_off_ = sb->regions[kRegionIndex].offset;
   p->data_off_ = sb->regions[kRegionData].offset;
+  p->transfer_off_ = sb->regions[kRegionTransfer].offset;
+  p->transfer_max_ = sb->transfer_max_blocks;
   p->coherence_ = Coherence(sb->coherence);
   p->checksums_ = (sb->flags & kFlagBlockChecksums) != 0;
   p->max_members_ = sb->max_members;
@@ -349,12 +365,12 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
         uint32_t pid = word::member_payload(c);
         if (pid == 0) return true;
         if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) return true;
+        uint64_t now_st = 0;
+        ProcState ps = process_state(pid, &now_st);
+        if (ps == ProcState::kGone) return true;     // exited meanwhile, or a zombie
+        if (ps == ProcState::kUnknown) return false;  // /proc hides it (hidepid): the pid exists, trust that
         uint64_t st = m->start_time.load(std::memory_order_relaxed);
-        if (st != 0) {
-          uint64_t now_st = process_start_time(pid);
-          if (now_st != 0 && now_st != st) return true;  // pid reused by another process
-          if (now_st == 0) return true;                  // gone between the two checks
-        }
+        if (st != 0 && now_st != st) return true;     // pid reused by another process
         return false;
       }
       uint64_t hb = m->heartbeat_ns.load(std::memory_order_acquire);
@@ -410,6 +426,7 @@ RecoveryReport Pool::do_recover() {
   if (mine.empty()) return rep;
   uint64_t mask[2] = {0, 0};
   for (uint32_t s : mine) mask[s / 64] |= 1ull << (s % 64);
+  abort_channels_of(mask);  // first: consumers waiting on a dead producer get an error, not a hang
   // One pass over the blocks for every member we recover.  Each step is
   // idempotent, so a recoverer that dies here leaves work the next one redoes.
   for (uint64_t i = 0; i < nblocks_; ++i) {
@@ -471,6 +488,11 @@ void Pool::close() {
         pin_count_[i] = 0;
       }
     }
+  }
+  {
+    uint64_t mine[2] = {0, 0};
+    mine[slot_ / 64] = 1ull << (slot_ % 64);
+    abort_channels_of(mine);
   }
   for (uint64_t i = 0; i < nblocks_; ++i) {
     uint64_t s = state(i).load(std::memory_order_acquire);

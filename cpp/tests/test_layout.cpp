@@ -61,7 +61,7 @@ TEST(LayoutPins, EnumsStoredInThePool) {
   PIN(kRegionStates, 2);
   PIN(kRegionDescriptors, 3);
   PIN(kRegionIndex, 4);
-  PIN(kRegionReserved, 5);
+  // 5: room for a later region (size 0 in layout v1)
   PIN(kRegionData, 6);
   PIN(kRegionCount, 7);
   // Counters are summed across members by index: the index is on media.
@@ -122,7 +122,7 @@ TEST(LayoutPins, Superblock) {
   PIN(offsetof(Superblock, num_blocks), 104);
   PIN(offsetof(Superblock, index_slots), 112);
   PIN(offsetof(Superblock, index_probe_limit), 120);
-  PIN(offsetof(Superblock, reserved0), 124);
+  // 124 .. 128: four zero bytes
   PIN(offsetof(Superblock, regions), 128);
   PIN(sizeof(Superblock::regions), 7 * 16);
   PIN(offsetof(Superblock, reserved), 240);
@@ -140,8 +140,7 @@ TEST(LayoutPins, Control) {
   PIN(offsetof(Control, free_hint), 0);
   PIN(offsetof(Control, clock_hand), 128);
   PIN(offsetof(Control, attach_seq), 256);
-  PIN(offsetof(Control, reserved_words), 384);
-  PIN(sizeof(Control::reserved_words), 5 * 128);
+  // 384 .. 1024: five more 128-byte words, zero in layout v1
   PIN(offsetof(Control, retired), 1024);
   PIN(sizeof(Control::retired), 16 * 8);
   PIN(offsetof(Control, pad), 1152);
@@ -396,15 +395,20 @@ TEST_F(SuperblockTest, VersionZeroIsInitialising) {
   expect_rejected(img, file_size_, ErrorCode::kInitializing, "layout version 0");
 }
 
-TEST_F(SuperblockTest, VersionTwoIsLayoutMismatch) {
+TEST_F(SuperblockTest, NextVersionIsLayoutMismatch) {
   auto img = good_;
-  uint32_t v = 2;
+  uint32_t v = kLayoutVersion + 1;  // 2 while this build reads layout 1
   std::memcpy(img.data() + offsetof(Superblock, layout_version), &v, 4);
   // The version word is outside the checksum: this image is otherwise valid.
-  expect_rejected(img, file_size_, ErrorCode::kLayoutMismatch, "layout version 2");
+  expect_rejected(img, file_size_, ErrorCode::kLayoutMismatch, ("layout version " + std::to_string(v)).c_str());
   auto err = validate(img, file_size_);
   ASSERT_TRUE(err.has_value());
-  EXPECT_NE(std::string(err->what()).find("reads layout version 1"), std::string::npos) << err->what();
+  EXPECT_NE(std::string(err->what()).find("reads layout version " + std::to_string(kLayoutVersion)), std::string::npos)
+      << err->what();
+  // Older layouts are refused the same way.
+  v = 0xffffffffu;
+  std::memcpy(img.data() + offsetof(Superblock, layout_version), &v, 4);
+  expect_rejected(img, file_size_, ErrorCode::kLayoutMismatch, "layout version 4294967295");
 }
 
 TEST_F(SuperblockTest, ChecksumMismatch) {
@@ -496,7 +500,7 @@ TEST_F(SuperblockTest, OpenRejectsWithoutWriting) {
     ErrorCode code;
   };
   const Case cases[] = {
-      {"version 2", 2, false, ErrorCode::kLayoutMismatch},
+      {"next version", kLayoutVersion + 1, false, ErrorCode::kLayoutMismatch},
       {"version 0", 0, false, ErrorCode::kInitializing},
       {"checksum", 1, true, ErrorCode::kCorrupt},
   };

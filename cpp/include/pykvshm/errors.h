@@ -26,6 +26,9 @@ enum class ErrorCode {
   kClosed,          // PoolClosedError
   kForked,          // ForkedHandleError
   kMemberLost,      // MemberLostError: this handle was declared dead and recovered
+  kTimeout,         // TransferTimeoutError: a transfer wait ran out of time
+  kAborted,         // TransferAbortedError: the transfer was aborted (by a side, or its producer died)
+  kGone,            // TransferGoneError: no such transfer, or its channel was reused
 };
 
 class Error : public std::runtime_error {

@@ -11,6 +11,7 @@
 //   ...      Block states          (num_blocks x 8 B, dense so allocation scans are cheap)
 //   ...      Block descriptors     (num_blocks x 64 B: pin mask, key, checksum)
 //   ...      Prefix index          (index_slots x 8 B, open addressing)
+//   ...      Transfer channels     (kTransferChannels x (128 B + transfer_max_blocks x 8 B))
 //   ...      Data                  (2 MiB aligned; num_blocks x block_stride)
 #pragma once
 
@@ -29,6 +30,8 @@ inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a c
 inline constexpr uint32_t kMaxMembers = 128;        // attached pool handles at once
 inline constexpr uint32_t kIndexProbeLimit = 64;    // bounded probing, never an unbounded loop
 inline constexpr uint64_t kMaxBlocks = (1ull << 28) - 1;  // index entries hold a 28-bit index
+inline constexpr uint32_t kTransferChannels = 64;   // layer-wise transfers open at once
+inline constexpr uint32_t kTransferMaxBlocksCap = 4096;  // blocks of one transfer (fewer in small pools)
 
 enum class Coherence : uint32_t { kCoherent = 0, kNoncoherent = 1 };
 inline constexpr uint32_t kFlagBlockChecksums = 1u << 0;
@@ -39,7 +42,7 @@ enum Region : uint32_t {
   kRegionStates = 2,
   kRegionDescriptors = 3,
   kRegionIndex = 4,
-  kRegionReserved = 5,  // room for a later layout (transfer channels); size 0 in v1
+  kRegionTransfer = 5,  // layer-wise transfer channels
   kRegionData = 6,
   kRegionCount = 7,
 };
@@ -79,7 +82,7 @@ struct Superblock {
   uint64_t num_blocks;           // 104
   uint64_t index_slots;          // 112 power of two
   uint32_t index_probe_limit;    // 120
-  uint32_t reserved0;            // 124
+  uint32_t transfer_max_blocks;  // 124 handles per transfer channel
   RegionDesc regions[kRegionCount];  // 128 .. 240
   uint8_t reserved[264];         // 240 .. 504, zero
   uint64_t checksum;             // 504 crc32c of bytes [0,8) and [12,504)
@@ -122,7 +125,12 @@ struct Control {
   PaddedWord free_hint;    // approximate number of FREE blocks (a hint, never trusted)
   PaddedWord clock_hand;   // CLOCK eviction hand, monotonically increasing
   PaddedWord attach_seq;   // source of member epochs
-  PaddedWord reserved_words[5];
+  struct alignas(128) Event {
+    Atomic32 seq;          // bumped whenever a transfer channel opens (a futex word)
+    Atomic32 waiters;      // processes sleeping on seq
+    uint8_t pad[120];
+  } channel_event;
+  PaddedWord reserved_words[4];
   Atomic64 retired[kCounterCount];  // counters of members that detached or were recovered
   uint8_t pad[kPageBytes - 8 * 128 - kCounterCount * 8];
 };
@@ -161,6 +169,31 @@ struct alignas(64) BlockDesc {
 static_assert(sizeof(BlockDesc) == 64);
 static_assert(offsetof(BlockDesc, key) == 16);
 static_assert(offsetof(BlockDesc, crc) == 32);
+
+// Transfer channel: one layer-wise handoff of a request's blocks, producer to consumers.
+//   ctl = status:3 | epoch:29 | owner slot:8 | 0:24
+enum ChannelStatus : uint64_t { kChanFree = 0, kChanFilling = 1, kChanOpen = 2, kChanDone = 3, kChanAborted = 4 };
+inline constexpr uint32_t kReadyDone = 1u << 30;     // in Channel::ready
+inline constexpr uint32_t kReadyAborted = 1u << 31;  // in Channel::ready
+inline constexpr uint32_t kReadyCount = (1u << 30) - 1;
+inline constexpr uint64_t kHandleCached = 1ull << 31;  // in a channel handle: a block already sealed, pinned by the producer
+
+struct alignas(64) Channel {
+  Atomic64 ctl;            // 0
+  Atomic32 ready;          // 8   futex word: layers ready | kReadyDone | kReadyAborted
+  Atomic32 waiters;        // 12  consumers sleeping on `ready`
+  Atomic64 req_key[2];     // 16  fold of the request id
+  Atomic64 first_key[2];   // 32  key of the first block
+  Atomic32 num_blocks;     // 48
+  Atomic32 num_layers;     // 52
+  Atomic64 open_ns;        // 56
+  Atomic64 done_ns;        // 64
+  uint8_t pad[56];         // 72 .. 128, then transfer_max_blocks handles (gen:32 | cached:1 | index:31)
+};
+static_assert(sizeof(Channel) == 128);
+static_assert(offsetof(Channel, ready) == 8);
+static_assert(offsetof(Channel, req_key) == 16);
+static_assert(offsetof(Channel, num_blocks) == 48);
 
 // Index entry: 0 = empty, 1 = tombstone, otherwise
 //   1:1 | fingerprint:15 | gen:20 | block index:28

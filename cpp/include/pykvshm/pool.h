@@ -63,6 +63,7 @@ struct MemberInfo {
 // Size of the layout for a geometry and a byte budget (used by create and tests).
 struct LayoutPlan {
   uint64_t num_blocks = 0, index_slots = 0, total_bytes = 0;
+  uint32_t transfer_max_blocks = 0;
   layout::RegionDesc regions[layout::kRegionCount]{};
 };
 LayoutPlan plan_layout(const layout::Geometry& g, uint64_t capacity_bytes, uint64_t size_align);
@@ -123,6 +124,32 @@ class Pool {
   void commit(const uint64_t* handles, size_t n);
   void abort_writes(const uint64_t* handles, size_t n);
 
+  // ---- layer-wise transfers (transfer.cpp) ----
+  struct TransferRef {
+    uint32_t channel = 0;
+    uint32_t epoch = 0;
+  };
+  struct TransferInfo {
+    uint32_t num_blocks = 0, num_layers = 0, ready = 0;
+    uint64_t status = 0;
+    uint64_t cached = 0;  // blocks already in the pool when the transfer opened
+  };
+  // Producer: claim a channel for `n` block keys; cached keys are pinned, the rest allocated.
+  TransferRef transfer_open(const uint8_t req_key[16], const uint8_t* keys, size_t n);
+  // Producer: copy layer `layer` (== layers ready so far) of every non-cached block from src
+  // (block j's layer at src + j * src_stride) and wake the consumers.
+  void transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride);
+  void transfer_finish(TransferRef t);   // seal into the prefix index, mark done
+  void transfer_abort(TransferRef t);    // producer: free, mark aborted; consumer: flag abort
+  // Consumer: find an open or finished transfer by request key or by (first key, count).
+  TransferRef transfer_attach(const uint8_t req_key[16], const uint8_t* first_key, uint32_t n, uint64_t timeout_ns);
+  TransferInfo transfer_info(TransferRef t) const;
+  // Consumer: wait until layer `layer` is ready (or the transfer is done); throws kTimeout / kAborted / kGone.
+  void transfer_wait(TransferRef t, uint32_t layer, uint64_t timeout_ns);
+  // Consumer: copy layer `layer` of every block to dst + j * dst_stride, validated against reuse.
+  void transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint64_t dst_stride);
+  uint32_t transfer_max_blocks() const { return transfer_max_; }
+
   // ---- maintenance ----
   RecoveryReport recover();
   Stats stats() const;
@@ -173,6 +200,14 @@ class Pool {
     return reinterpret_cast<layout::BlockDesc*>(map_.base() + desc_off_)[i];
   }
   Atomic64& entry(uint64_t pos) const { return reinterpret_cast<Atomic64*>(map_.base() + index_off_)[pos]; }
+  layout::Channel& channel(uint32_t c) const {
+    return *reinterpret_cast<layout::Channel*>(map_.base() + transfer_off_ + uint64_t(c) * (sizeof(layout::Channel) + 8ull * transfer_max_));
+  }
+  Atomic64* channel_handles(uint32_t c) const { return reinterpret_cast<Atomic64*>(&channel(c) + 1); }
+  layout::Channel& owned_channel(TransferRef t, uint64_t status) const;
+  layout::Channel& attached_channel(TransferRef t) const;
+  void abort_channels_of(const uint64_t mask[2]);
+  void wake(Atomic32& word) const noexcept;
 
   Mapping map_;
   // Everything below is copied from the validated superblock at attach and never
@@ -181,6 +216,8 @@ class Pool {
   layout::Geometry geo_{};
   uint64_t nblocks_ = 0, nslots_ = 0;
   uint64_t ctl_off_ = 0, members_off_ = 0, states_off_ = 0, desc_off_ = 0, index_off_ = 0, data_off_ = 0;
+  uint64_t transfer_off_ = 0;
+  uint32_t transfer_max_ = 0;
   layout::Coherence coherence_ = layout::Coherence::kCoherent;
   bool checksums_ = false;
   uint32_t max_members_ = 0;
@@ -197,7 +234,9 @@ class Pool {
 };
 
 // Liveness helpers (exposed for tests).
-uint64_t process_start_time(uint32_t pid);  // 0 when the process does not exist
+enum class ProcState { kAlive, kGone, kUnknown };  // kGone includes zombies
+ProcState process_state(uint32_t pid, uint64_t* start_time);
+uint64_t process_start_time(uint32_t pid);  // 0 when the process does not exist (or is a zombie)
 uint64_t local_host_id();
 uint64_t realtime_ns();
 

@@ -23,7 +23,11 @@ TRANSPORTS: dict[str, type[Transport]] = {
 
 
 def get_transport(name: str) -> type[Transport]:
-    """The transport class registered under ``name``."""
+    """The transport class registered under ``name`` (``"pool"`` is the pool itself)."""
+    if name == "pool":
+        from ..pool_transport import PoolTransport
+
+        return PoolTransport
     try:
         return TRANSPORTS[name]
     except KeyError:

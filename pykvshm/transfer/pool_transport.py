@@ -1,0 +1,192 @@
+"""The pool as a :class:`~pykvshm.transfer.transport.Transport`, so benchmarks and engines can swap it
+with the baselines.
+
+Both sides open the same pool by name (``pool=...``; the producer creates it when ``create=True``).
+The request buffer is layer-major: ``num_layers`` slices, each ``n`` blocks of one layer, i.e. a
+numpy array viewable as ``(num_layers, n, 2, block_tokens, num_kv_heads, head_dim)`` of the pool's
+dtype.  ``send_layer`` writes that layer into the pool's blocks and wakes the consumer (futex in
+the pool); the consumer's ``wait_layer`` sleeps on it and copies the layer into its own buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from ..errors import PoolNotFoundError, TransferAbortedError, TransferError, TransferTimeoutError
+from ..pool import Pool
+from ..spec import KVSpec
+from .stream import TransferConsumer, TransferProducer
+from .transport import (
+    DEFAULT_TIMEOUT,
+    Consumer,
+    Producer,
+    TransferAborted,
+    TransferTimeout,
+    Transport,
+    TransportError,
+    check_buffer,
+)
+
+__all__ = ["PoolTransport"]
+
+
+def request_block_keys(request_id: str, n: int) -> list[bytes]:
+    """Keys for a request handed over without token ids (distinct per request and block)."""
+    return [hashlib.blake2b(f"{request_id}/{i}".encode(), digest_size=16, person=b"pykvshm.tx").digest()
+            for i in range(n)]
+
+
+def _translate(request_id: str, e: Exception) -> Exception:
+    if isinstance(e, TransferTimeoutError):
+        return TransferTimeout(str(e))
+    if isinstance(e, TransferAbortedError):
+        return TransferAborted(request_id, str(e), by_peer=True)
+    return TransportError(str(e))
+
+
+class _PoolSide:
+    def __init__(self, pool: str, spec: KVSpec | None = None, create: bool = False, capacity: str | int = "1GiB",
+                 **pool_options: Any) -> None:
+        self._name = pool
+        if create:
+            if spec is None:
+                raise ValueError("creating the pool needs spec=")
+            try:
+                self._pool = Pool.open(pool, spec=spec)
+            except PoolNotFoundError:
+                self._pool = Pool.create(pool, spec=spec, capacity=capacity, **pool_options)
+        else:
+            self._pool = Pool.open(pool, spec=spec)
+        self.spec = self._pool.spec
+        self._reqs: dict[str, dict[str, Any]] = {}
+        self._aborted: set[str] = set()
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def metadata(self) -> bytes:
+        return self._name.encode()
+
+    def connect(self, peer_metadata: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if peer_metadata.decode() != self._name:
+            raise TransportError(f"the peer uses pool {peer_metadata.decode()!r}, this side {self._name!r}")
+
+    def register(self, request_id: str, buf: np.ndarray, num_layers: int, keys: list[bytes] | None = None) -> None:
+        if request_id in self._reqs:
+            raise ValueError(f"request {request_id!r} is already registered")
+        check_buffer(buf, num_layers)
+        if num_layers != self.spec.num_layers:
+            raise ValueError(f"the pool holds {self.spec.num_layers} layers, the request {num_layers}")
+        if buf.nbytes % self.spec.block_bytes:
+            raise ValueError(f"a request buffer of {buf.nbytes} bytes is not whole blocks of {self.spec.block_bytes}")
+        n = buf.nbytes // self.spec.block_bytes
+        layers = buf.reshape(-1).view(self.spec.np_dtype).reshape(num_layers, n, *self.spec.layer_shape)
+        self._reqs[request_id] = {"layers": layers, "n": n, "keys": keys, "side": None, "done": set()}
+
+    def _req(self, request_id: str) -> dict[str, Any]:
+        if request_id in self._aborted:
+            raise TransferAborted(request_id, "aborted")
+        try:
+            return self._reqs[request_id]
+        except KeyError:
+            raise TransportError(f"request {request_id!r} is not registered") from None
+
+    def release(self, request_id: str) -> None:
+        self._reqs.pop(request_id, None)
+
+    def close(self) -> None:
+        for rid in list(self._reqs):
+            side = self._reqs[rid]["side"]
+            if isinstance(side, TransferProducer):
+                side.abort()
+        self._reqs.clear()
+        try:
+            self._pool.close()
+        except Exception:
+            pass
+
+
+class PoolProducer(_PoolSide, Producer):
+    def prepare(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        r = self._req(request_id)
+        if r["side"] is None:
+            keys = r["keys"] or request_block_keys(request_id, r["n"])
+            try:
+                r["side"] = TransferProducer(self._pool, request_id, keys)
+            except TransferError as e:
+                raise _translate(request_id, e) from e
+
+    def send_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.prepare(request_id, timeout)
+        r = self._req(request_id)
+        tx: TransferProducer = r["side"]
+        try:
+            tx.put_layer(layer, r["layers"][layer])
+            if tx.layers_put == self.spec.num_layers:
+                tx.finish()
+        except TransferError as e:
+            raise _translate(request_id, e) from e
+
+    def send(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        for layer in range(self.spec.num_layers):
+            self.send_layer(request_id, layer, timeout)
+
+    def abort(self, request_id: str, reason: str = "") -> None:
+        self._aborted.add(request_id)
+        r = self._reqs.get(request_id)
+        if r and r["side"] is not None:
+            r["side"].abort()
+
+
+class PoolConsumer(_PoolSide, Consumer):
+    def _attach(self, request_id: str, timeout: float) -> TransferConsumer:
+        r = self._req(request_id)
+        if r["side"] is None:
+            try:
+                r["side"] = TransferConsumer(self._pool, request_id, timeout=timeout)
+            except TransferError as e:
+                if isinstance(e, TransferError) and "appeared in time" in str(e):
+                    raise TransferTimeout(f"request {request_id!r} did not start within {timeout} s") from e
+                raise _translate(request_id, e) from e
+            if r["side"].num_blocks != r["n"]:
+                raise TransportError(f"request {request_id!r} has {r['side'].num_blocks} blocks, the buffer {r['n']}")
+        return r["side"]
+
+    def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        r = self._req(request_id)
+        if layer in r["done"]:
+            return
+        rx = self._attach(request_id, timeout)
+        try:
+            rx.read_layer(layer, r["layers"][layer], timeout)
+        except TransferError as e:
+            raise _translate(request_id, e) from e
+        r["done"].add(layer)
+
+    def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        for layer in range(self.spec.num_layers):
+            self.wait_layer(request_id, layer, timeout)
+
+    def abort(self, request_id: str, reason: str = "") -> None:
+        self._aborted.add(request_id)
+        r = self._reqs.get(request_id)
+        if r and r["side"] is not None:
+            r["side"].abort()
+
+
+class PoolTransport(Transport):
+    """The shared-memory pool.  Options: ``pool`` (name), ``spec``, ``create``, ``capacity``."""
+
+    name = "pool"
+
+    @classmethod
+    def producer(cls, **options: Any) -> Producer:
+        return PoolProducer(**options)
+
+    @classmethod
+    def consumer(cls, **options: Any) -> Consumer:
+        return PoolConsumer(**options)
