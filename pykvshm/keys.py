@@ -120,8 +120,9 @@ def fold_key(key: KeyLike) -> bytes:
     """A 16-byte key from any engine block hash.
 
     16 bytes are used as they are; other bytes-like keys (vLLM's 32-byte block
-    hashes, say) are folded with BLAKE2b-128, and integers are taken as 64-bit
-    signed values first.  Deterministic across processes and hosts.
+    hashes, say) are folded with BLAKE2b-128; an integer becomes its 16-byte
+    little-endian two's-complement form (so it must fit in 128 bits).
+    Deterministic across processes and hosts.
     """
     if isinstance(key, (bytes, bytearray, memoryview)):
         b = bytes(key)

@@ -19,6 +19,9 @@ EXPECTED = {
     "sizeof_member_slot": 256,
     "sizeof_block_desc": 64,
     "sizeof_geometry": 40,
+    "sizeof_channel": 128,
+    "transfer_channels": 64,
+    "transfer_max_blocks_cap": 4096,
 }
 
 EXPECTED_OFFSETS = {
@@ -35,6 +38,7 @@ EXPECTED_OFFSETS = {
     "superblock.num_blocks": 104,
     "superblock.index_slots": 112,
     "superblock.index_probe_limit": 120,
+    "superblock.transfer_max_blocks": 124,
     "superblock.regions": 128,
     "superblock.reserved": 240,
     "superblock.checksum": 504,
@@ -43,6 +47,7 @@ EXPECTED_OFFSETS = {
     "control.free_hint": 0,
     "control.clock_hand": 128,
     "control.attach_seq": 256,
+    "control.channel_event": 384,
     "control.retired": 1024,
     "member.ctl": 0,
     "member.start_time": 8,
@@ -54,6 +59,15 @@ EXPECTED_OFFSETS = {
     "desc.key": 16,
     "desc.crc": 32,
     "desc.desc_flags": 36,
+    "channel.ctl": 0,
+    "channel.ready": 8,
+    "channel.waiters": 12,
+    "channel.req_key": 16,
+    "channel.first_key": 32,
+    "channel.num_blocks": 48,
+    "channel.num_layers": 52,
+    "channel.open_ns": 56,
+    "channel.done_ns": 64,
 }
 
 
@@ -80,9 +94,12 @@ def test_region_plan_pinned(pool_name: str) -> None:
     regions = [int.from_bytes(raw[128 + 16 * r : 136 + 16 * r], "little") for r in range(7)]
     sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(7)]
     nblocks = int.from_bytes(raw[104:112], "little")
-    # 8 MiB, 512-byte blocks: the data region starts at 2 MiB and fills the rest.
-    assert nblocks == (8 << 20) // 512 - (2 << 20) // 512, BUMP
-    assert regions[:5] == [4096, 8192, 8192 + 128 * 256, 8192 + 128 * 256 + nblocks * 8,
-                           8192 + 128 * 256 + nblocks * 8 + nblocks * 64], BUMP
-    assert regions[6] == 2 << 20 and sizes[6] == nblocks * 512, BUMP
-    assert sizes[4] == 8 * 32768, BUMP  # index: next power of two >= 2 * blocks
+    # 8 MiB, 512-byte blocks: metadata fills the first 4 MiB (64 transfer channels of
+    # 4096 handles are 2 MiB of it); the data region starts at 4 MiB and fills the rest.
+    assert nblocks == (8 << 20) // 512 - (4 << 20) // 512, BUMP
+    index_off = 8192 + 128 * 256 + nblocks * 8 + nblocks * 64
+    assert regions[:6] == [4096, 8192, 8192 + 128 * 256, 8192 + 128 * 256 + nblocks * 8,
+                           index_off, index_off + 8 * 16384], BUMP
+    assert sizes[4] == 8 * 16384, BUMP  # index: next power of two >= 2 * blocks
+    assert sizes[5] == 64 * (128 + 8 * 4096), BUMP  # transfer channels
+    assert regions[6] == 4 << 20 and sizes[6] == nblocks * 512, BUMP

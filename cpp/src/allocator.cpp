@@ -136,6 +136,13 @@ void Pool::alloc(size_t n, bool evict, uint64_t* out) {
     ctl()->free_hint.value.fetch_sub(got, std::memory_order_relaxed);
   }
   if (have < n && evict) have += scan_evict(n, out, have);
+  if (have < n && hint <= 0) {
+    // Last resort when the hint said "nothing free" (it may be stale after a
+    // crash): one full pass over the states.
+    uint64_t got = scan_claim_free(n, out, have);
+    have += got;
+    ctl()->free_hint.value.fetch_sub(got, std::memory_order_relaxed);
+  }
   if (have < n) {
     release_claims(out, have);
     Stats st = stats();

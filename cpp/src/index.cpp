@@ -94,9 +94,10 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
     if (++retries < 8) --d;  // the slot changed under us: look at it again
   }
   if (my_dist == kIndexProbeLimit) return Insert::kFull;
-  // Two publishers of one key may both get here.  The entry nearer the key's
-  // home position wins; the other withdraws.  Both CASes and these loads are
-  // seq_cst, so at least one of the two sees the other.
+  // Two publishers of one key may both get here.  Whoever sees another live
+  // entry for the key withdraws its own.  Both CASes and these loads are
+  // seq_cst, so at least one of the two sees the other: at most one entry
+  // stays (possibly none, which is only a cache miss).
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
     const uint64_t pos = (h + d) & mask;
     if (pos == my_pos) continue;
@@ -113,13 +114,12 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
     std::atomic_thread_fence(std::memory_order_acquire);
     if ((s1 ^ state(j).load(std::memory_order_relaxed)) & ~word::kRefBit) continue;
     if (d0 != k0 || d1 != k1) continue;
-    if (d < my_dist) {
-      uint64_t e2 = mine;
-      entry(my_pos).cas(e2, kEntryTomb, std::memory_order_seq_cst);
-      flush(&entry(my_pos), 8);
-      return Insert::kPresent;
-    }
+    uint64_t e2 = mine;
+    entry(my_pos).cas(e2, kEntryTomb, std::memory_order_seq_cst);
+    flush(&entry(my_pos), 8);
+    return Insert::kPresent;
   }
+  (void)my_dist;
   return Insert::kInserted;
 }
 
@@ -308,10 +308,22 @@ void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
   ensure_open();
   std::lock_guard<std::mutex> lk(pin_mu_);
+  if (!still_member()) {
+    // Declared dead and recovered: our pins were dropped, and the slot's bits
+    // may belong to a new member now.  Forget them locally only.
+    for (size_t j = 0; j < n; ++j) {
+      const uint64_t i = word::handle_index(handles[j]);
+      if (i < nblocks_ && pin_count_[i]) --pin_count_[i];
+    }
+    return;
+  }
   for (size_t j = 0; j < n; ++j) {
     const uint64_t i = word::handle_index(handles[j]);
     if (i >= nblocks_ || pin_count_[i] == 0)
       raise(ErrorCode::kInvalidHandle, "release: block handle " + std::to_string(handles[j]) + " is not pinned by this pool handle");
+    // A pinned block cannot be reused, so its generation is the one we pinned.
+    if (word::gen(state(i).load(std::memory_order_acquire)) != word::handle_gen(handles[j]))
+      raise(ErrorCode::kStaleHandle, "release: block handle " + std::to_string(handles[j]) + " is stale (the block was reused)");
   }
   for (size_t j = 0; j < n; ++j) unpin(word::handle_index(handles[j]));
 }

@@ -273,7 +273,7 @@ void Pool::ensure_usable() {
   if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
   if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
-  if (member(slot_)->ctl.load(std::memory_order_acquire) != word::member(kMemberAlive, epoch_, pid_))
+  if (!still_member())
     raise(ErrorCode::kMemberLost, "this pool handle was declared dead by another member (heartbeat lease expired) and "
                                   "its blocks and pins were reclaimed; open the pool again");
 }
@@ -284,7 +284,12 @@ void Pool::ensure_open() const {
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
 }
 
+bool Pool::still_member() const {
+  return member(slot_)->ctl.load(std::memory_order_acquire) == word::member(kMemberAlive, epoch_, pid_);
+}
+
 void Pool::heartbeat() noexcept {
+  if (!map_.base() || !still_member()) return;  // never beat for a slot that is no longer ours
   uint64_t now = realtime_ns();
   uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
   if (now - last < 100'000'000ull && now >= last) return;
@@ -458,13 +463,13 @@ RecoveryReport Pool::do_recover() {
       uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
       if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
     }
-    ctl()->retired[kCtrRecovered].fetch_add(1, std::memory_order_relaxed);
     uint64_t c = m->ctl.load(std::memory_order_acquire);
     if (word::member_status(c) == kMemberRecovering && word::member_payload(c) == me) {
       // SYNC POINT: recovery-done.  Reclaimed blocks happen-before the slot is reusable.
       if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_release)) {
         flush(&m->ctl, 8);
         ++rep.members_recovered;
+        ctl()->retired[kCtrRecovered].fetch_add(1, std::memory_order_relaxed);
       }
     }
   }
@@ -474,8 +479,10 @@ RecoveryReport Pool::do_recover() {
 void Pool::close() {
   if (!map_.base()) return;
   g_timer.load(std::memory_order_relaxed)->remove(this);
-  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) {
-    // The parent still owns the member slot; a forked child only drops its mapping.
+  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_ || !still_member()) {
+    // A forked child: the parent still owns the member slot.  A handle declared
+    // dead: its slot was recovered and may be someone else's now.  Either way
+    // touch nothing shared; just drop the mapping.
     map_.unmap();
     return;
   }

@@ -124,7 +124,7 @@ enum Counter : uint32_t {
 struct Control {
   PaddedWord free_hint;    // approximate number of FREE blocks (a hint, never trusted)
   PaddedWord clock_hand;   // CLOCK eviction hand, monotonically increasing
-  PaddedWord attach_seq;   // source of member epochs
+  PaddedWord attach_seq;   // reserved (member epochs live in each slot)
   struct alignas(128) Event {
     Atomic32 seq;          // bumped whenever a transfer channel opens (a futex word)
     Atomic32 waiters;      // processes sleeping on seq

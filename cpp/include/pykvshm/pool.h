@@ -168,6 +168,7 @@ class Pool {
   RecoveryReport do_recover();
   void ensure_usable();          // open, not forked, still a member
   void ensure_open() const;      // open and not forked (read-only operations)
+  bool still_member() const;     // our slot is still ALIVE with our epoch and pid
   bool member_dead(uint32_t slot, uint64_t ctl) const;
   bool reclaim_member(uint32_t slot, RecoveryReport& rep);
   uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
