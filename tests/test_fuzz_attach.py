@@ -357,7 +357,7 @@ SB_FIELDS = {  # name -> (offset, width)
     "coherence": (52, 4), "flags": (56, 4), "max_members": (60, 4),
     "num_layers": (64, 4), "num_kv_heads": (68, 4), "head_dim": (72, 4), "block_tokens": (76, 4),
     "dtype_code": (80, 4), "dtype_size": (84, 4), "block_bytes": (88, 8), "block_stride": (96, 8),
-    "num_blocks": (104, 8), "index_slots": (112, 8), "index_probe_limit": (120, 4), "reserved0": (124, 4),
+    "num_blocks": (104, 8), "index_slots": (112, 8), "index_probe_limit": (120, 4), "transfer_max_blocks": (124, 4),
     "reserved": (OFF["superblock.reserved"], 8), "checksum": (CHECKSUM_AT, 8),
 }
 sb_values = st.one_of(raw_values, st.integers(0, 12), st.tuples(st.just("delta"), st.sampled_from([-64, -2, -1, 1, 2, 64])))

@@ -94,12 +94,15 @@ def test_region_plan_pinned(pool_name: str) -> None:
     regions = [int.from_bytes(raw[128 + 16 * r : 136 + 16 * r], "little") for r in range(7)]
     sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(7)]
     nblocks = int.from_bytes(raw[104:112], "little")
-    # 8 MiB, 512-byte blocks: metadata fills the first 4 MiB (64 transfer channels of
-    # 4096 handles are 2 MiB of it); the data region starts at 4 MiB and fills the rest.
-    assert nblocks == (8 << 20) // 512 - (4 << 20) // 512, BUMP
-    index_off = 8192 + 128 * 256 + nblocks * 8 + nblocks * 64
-    assert regions[:6] == [4096, 8192, 8192 + 128 * 256, 8192 + 128 * 256 + nblocks * 8,
-                           index_off, index_off + 8 * 16384], BUMP
-    assert sizes[4] == 8 * 16384, BUMP  # index: next power of two >= 2 * blocks
-    assert sizes[5] == 64 * (128 + 8 * 4096), BUMP  # transfer channels
-    assert regions[6] == 4 << 20 and sizes[6] == nblocks * 512, BUMP
+    # 8 MiB of 512-byte blocks: the metadata (states, descriptors, a 32768-slot index and
+    # 64 transfer channels of 2232 handles) fills the first 2 MiB; data fills the rest.
+    assert nblocks == 8931, BUMP
+    assert list(zip(regions, sizes)) == [
+        (4096, 4096),          # control
+        (8192, 32768),         # members: 128 x 256
+        (40960, 71488),        # states: 8931 x 8, padded to 64
+        (112448, 571584),      # descriptors: 8931 x 64
+        (684032, 262144),      # index: 32768 x 8
+        (946176, 1150976),     # transfer: 64 x (128 + 2232 x 8)
+        (2097152, 8931 * 512),  # data
+    ], BUMP

@@ -364,6 +364,19 @@ void register_pool(py::module_& m) {
              py::gil_scoped_release rel;
              p.transfer_copy_layer({ch, epoch}, layer, reinterpret_cast<uint8_t*>(dst), stride);
            })
+      .def("transfer_read_all",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uintptr_t dst, uint64_t stride, double timeout_s) {
+             // Every layer, each as soon as it is ready, into whole blocks at dst + j * stride;
+             // one call without the GIL so that a busy interpreter does not delay the handoff.
+             const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
+             if (stride < p.geometry().block_bytes) throw py::value_error("destination stride is smaller than a block");
+             uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
+             py::gil_scoped_release rel;
+             for (uint32_t l = 0; l < p.geometry().num_layers; ++l) {
+               p.transfer_wait({ch, epoch}, l, ns);
+               p.transfer_copy_layer({ch, epoch}, l, reinterpret_cast<uint8_t*>(dst) + l * layer_bytes, stride);
+             }
+           })
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
       .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())
       .def("heartbeat", &Pool::heartbeat);

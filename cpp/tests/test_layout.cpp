@@ -61,7 +61,7 @@ TEST(LayoutPins, EnumsStoredInThePool) {
   PIN(kRegionStates, 2);
   PIN(kRegionDescriptors, 3);
   PIN(kRegionIndex, 4);
-  // 5: room for a later region (size 0 in layout v1)
+  PIN(kRegionTransfer, 5);
   PIN(kRegionData, 6);
   PIN(kRegionCount, 7);
   // Counters are summed across members by index: the index is on media.
@@ -254,19 +254,20 @@ void expect_plan(const LayoutPlan& p, const ExpectedPlan& e) {
   }
 }
 
-// 512-byte blocks in 8 MiB: metadata fits below the first 2 MiB boundary, so
-// the data region is [2 MiB, 8 MiB) = 12288 blocks and the index has
-// next_pow2(2 * 12288) = 32768 slots.
+// 512-byte blocks in 8 MiB: the largest block count whose metadata (states,
+// descriptors, index, 64 transfer channels of n/4 handles) fits below the
+// first 2 MiB boundary is 8931; the index has next_pow2(2 * 8931) slots.
 TEST(LayoutPlan, SmallBlocksEightMiB) {
   LayoutPlan p = plan_layout(make_geometry({2, 2, 8, 4, 1, 2}), 8ull << 20, kPageBytes);
-  expect_plan(p, {12288, 32768, 8ull << 20,
+  PIN(p.transfer_max_blocks, 2232);
+  expect_plan(p, {8931, 32768, 8ull << 20,
                   {{4096, 4096},         // control
                    {8192, 32768},        // members: 128 x 256
-                   {40960, 98304},       // states: 12288 x 8
-                   {139264, 786432},     // descriptors: 12288 x 64
-                   {925696, 262144},     // index: 32768 x 8
-                   {1187840, 0},         // reserved
-                   {2097152, 6291456}}});  // data: 12288 x 512
+                   {40960, 71488},       // states: 8931 x 8, padded to 64
+                   {112448, 571584},     // descriptors: 8931 x 64
+                   {684032, 262144},     // index: 32768 x 8
+                   {946176, 1150976},    // transfer: 64 x (128 + 2232 x 8)
+                   {2097152, 8931ull * 512}}});  // data
 }
 
 // 2 MiB blocks, a capacity that is not a multiple of anything, rounded up to
@@ -274,13 +275,14 @@ TEST(LayoutPlan, SmallBlocksEightMiB) {
 // array (376 bytes) is padded to a cache line; the index has its minimum size.
 TEST(LayoutPlan, LargeBlocksOddCapacity) {
   LayoutPlan p = plan_layout(make_geometry({32, 8, 128, 16, 2, 2}), 100'000'000, kDataAlign);
+  PIN(p.transfer_max_blocks, 48);  // 47 rounded up to a multiple of 8
   expect_plan(p, {47, 1024, 48ull * (2ull << 20),
                   {{4096, 4096},
                    {8192, 32768},
                    {40960, 384},
                    {41344, 3008},
                    {44352, 8192},
-                   {52544, 0},
+                   {52544, 32768},  // transfer: 64 x (128 + 48 x 8)
                    {2097152, 47ull * (2ull << 20)}}});
 }
 

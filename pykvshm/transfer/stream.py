@@ -165,15 +165,17 @@ class TransferConsumer:
         return self.copy_layer(layer, out)
 
     def read_all(self, out: Any, timeout: float = 30.0) -> Any:
-        """Every layer into ``out`` of shape ``(num_blocks, *block_shape)``, as each becomes ready."""
+        """Every layer into ``out`` of shape ``(num_blocks, *block_shape)`` (numpy or CPU torch), each
+        layer copied as soon as it is ready, in one call that does not hold the GIL.
+
+        ``timeout`` bounds the wait for each layer."""
         spec = self._pool.spec
         check_blocks(out, spec, self.num_blocks, "read_all destination")
-        if is_torch(out):
-            raise ShapeMismatchError("read_all takes a numpy array; use read_layer for torch tensors")
-        tmp = np.empty((self.num_blocks, *spec.layer_shape), dtype=spec.np_dtype)
-        for layer in range(spec.num_layers):
-            self.read_layer(layer, tmp, timeout)
-            out[:, layer] = tmp
+        if is_cuda(out):
+            raise ShapeMismatchError("read_all takes a host array; use read_layer for CUDA tensors")
+        addr, stride, keep = host_address(out, writable=True)
+        self._pool._live().transfer_read_all(*self._ref, addr, stride, float(timeout))
+        del keep
         return out
 
     def abort(self) -> None:
