@@ -20,7 +20,7 @@ EXPECTED = {
     "sizeof_block_desc": 64,
     "sizeof_geometry": 40,
     "sizeof_channel": 128,
-    "transfer_channels": 64,
+    "transfer_channels": 128,
     "transfer_max_blocks_cap": 4096,
 }
 
@@ -95,14 +95,14 @@ def test_region_plan_pinned(pool_name: str) -> None:
     sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(7)]
     nblocks = int.from_bytes(raw[104:112], "little")
     # 8 MiB of 512-byte blocks: the metadata (states, descriptors, a 32768-slot index and
-    # 64 transfer channels of 2232 handles) fills the first 2 MiB; data fills the rest.
-    assert nblocks == 8931, BUMP
+    # 128 transfer channels of 768 handles) fits below 2 MiB; data fills the rest.
+    assert nblocks == 12288, BUMP
     assert list(zip(regions, sizes)) == [
         (4096, 4096),          # control
         (8192, 32768),         # members: 128 x 256
-        (40960, 71488),        # states: 8931 x 8, padded to 64
-        (112448, 571584),      # descriptors: 8931 x 64
-        (684032, 262144),      # index: 32768 x 8
-        (946176, 1150976),     # transfer: 64 x (128 + 2232 x 8)
-        (2097152, 8931 * 512),  # data
+        (40960, 98304),        # states: 12288 x 8
+        (139264, 786432),      # descriptors: 12288 x 64
+        (925696, 262144),      # index: 32768 x 8
+        (1187840, 802816),     # transfer: 128 x (128 + 768 x 8)
+        (2097152, 12288 * 512),  # data
     ], BUMP

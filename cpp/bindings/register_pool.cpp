@@ -364,18 +364,35 @@ void register_pool(py::module_& m) {
              py::gil_scoped_release rel;
              p.transfer_copy_layer({ch, epoch}, layer, reinterpret_cast<uint8_t*>(dst), stride);
            })
-      .def("transfer_read_all",
-           [](Pool& p, uint32_t ch, uint32_t epoch, uintptr_t dst, uint64_t stride, double timeout_s) {
-             // Every layer, each as soon as it is ready, into whole blocks at dst + j * stride;
-             // one call without the GIL so that a busy interpreter does not delay the handoff.
+      .def("transfer_read_layers",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t dst,
+              uint64_t layer_stride, uint64_t block_stride, double timeout_s) {
+             // Layers [first, first+count), each as soon as it is ready: block j of layer l goes
+             // to dst + (l - first) * layer_stride + j * block_stride.  One call without the GIL,
+             // so a busy interpreter does not delay the handoff.
              const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
-             if (stride < p.geometry().block_bytes) throw py::value_error("destination stride is smaller than a block");
+             if (block_stride < layer_bytes) throw py::value_error("destination block stride is smaller than a layer");
+             if (uint64_t(first) + count > p.geometry().num_layers) throw py::value_error("layer range out of bounds");
              uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
              py::gil_scoped_release rel;
-             for (uint32_t l = 0; l < p.geometry().num_layers; ++l) {
+             for (uint32_t l = first; l < first + count; ++l) {
                p.transfer_wait({ch, epoch}, l, ns);
-               p.transfer_copy_layer({ch, epoch}, l, reinterpret_cast<uint8_t*>(dst) + l * layer_bytes, stride);
+               p.transfer_copy_layer({ch, epoch}, l, reinterpret_cast<uint8_t*>(dst) + (l - first) * layer_stride,
+                                     block_stride);
              }
+           })
+      .def("transfer_put_layers",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t src,
+              uint64_t layer_stride, uint64_t block_stride, bool finish) {
+             // Layers [first, first+count) from src + (l - first) * layer_stride + j * block_stride,
+             // each published (and its waiters woken) as soon as it is written; optionally finish.
+             const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
+             if (block_stride < layer_bytes) throw py::value_error("source block stride is smaller than a layer");
+             py::gil_scoped_release rel;
+             for (uint32_t l = first; l < first + count; ++l)
+               p.transfer_put_layer({ch, epoch}, l, reinterpret_cast<const uint8_t*>(src) + (l - first) * layer_stride,
+                                    block_stride);
+             if (finish) p.transfer_finish({ch, epoch});
            })
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
       .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())

@@ -36,10 +36,12 @@ uint64_t layout_for(const Geometry& g, uint64_t n, LayoutPlan* p) {
   off += p->regions[kRegionDescriptors].size;
   p->regions[kRegionIndex] = {off, p->index_slots * 8};
   off += p->regions[kRegionIndex].size;
-  // One transfer may cover a quarter of the pool (at least 64 blocks, at most
-  // kTransferMaxBlocksCap), so the channel table stays small next to the data.
-  // A multiple of 8 handles keeps every channel on a 64-byte boundary.
-  uint64_t tmax = std::clamp<uint64_t>(n / 4, std::min<uint64_t>(n, 64), kTransferMaxBlocksCap);
+  // Blocks one transfer may cover: the whole pool when blocks are big, fewer when
+  // they are so small that the channel table would exceed 1/8 of the data (never
+  // fewer than 64, never more than kTransferMaxBlocksCap).  A multiple of 8
+  // handles keeps every channel on a 64-byte boundary.
+  uint64_t by_size = n * g.block_stride / (64ull * kTransferChannels);
+  uint64_t tmax = std::clamp<uint64_t>(std::min(n, by_size), std::min<uint64_t>(n, 64), kTransferMaxBlocksCap);
   p->transfer_max_blocks = uint32_t(align_up(tmax, 8));
   p->regions[kRegionTransfer] = {off, uint64_t(kTransferChannels) * (sizeof(Channel) + 8ull * p->transfer_max_blocks)};
   off += p->regions[kRegionTransfer].size;

@@ -58,7 +58,7 @@ inline uint64_t ch_index(uint64_t h) { return h & 0x7fffffffu; }
 inline uint32_t ch_gen(uint64_t h) { return uint32_t(h >> 32); }
 inline bool ch_cached(uint64_t h) { return (h & kHandleCached) != 0; }
 
-constexpr uint64_t kLingerNs = 2'000'000'000ull;  // a finished channel stays findable this long
+constexpr uint64_t kLingerNs = 200'000'000ull;  // a finished channel is kept this long before reuse if others are free
 
 }  // namespace
 
@@ -108,19 +108,34 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
         ch.req_key[1].load(std::memory_order_relaxed) == r1)
       raise(ErrorCode::kExists, "a transfer for this request id is already open");
   }
-  // Claim a free channel, else the oldest finished one past its linger time.
+  // Claim a free channel; else a finished one past its linger time; else the
+  // finished one that ended first.  A consumer of a reused channel gets
+  // TransferGoneError (the finished transfer's blocks are in the prefix index).
   const uint64_t now = realtime_ns();
   TransferRef t{};
   bool claimed = false;
-  for (int pass = 0; pass < 2 && !claimed; ++pass) {
+  for (int pass = 0; pass < 3 && !claimed; ++pass) {
+    uint32_t oldest = kTransferChannels;
+    uint64_t oldest_done = UINT64_MAX;
+    if (pass == 2) {
+      for (uint32_t c = 0; c < kTransferChannels; ++c) {
+        Channel& ch = channel(c);
+        uint64_t s = chan_status(ch.ctl.load(std::memory_order_acquire));
+        uint64_t done = ch.done_ns.load(std::memory_order_relaxed);
+        if ((s == kChanDone || s == kChanAborted) && done < oldest_done) {
+          oldest = c;
+          oldest_done = done;
+        }
+      }
+    }
     for (uint32_t c = 0; c < kTransferChannels && !claimed; ++c) {
       Channel& ch = channel(c);
       uint64_t cur = ch.ctl.load(std::memory_order_acquire);
       uint64_t s = chan_status(cur);
       bool reusable = s == kChanFree;
-      if (!reusable && pass == 1 && (s == kChanDone || s == kChanAborted)) {
+      if (!reusable && pass >= 1 && (s == kChanDone || s == kChanAborted)) {
         uint64_t done = ch.done_ns.load(std::memory_order_relaxed);
-        reusable = now > done && now - done > kLingerNs;
+        reusable = pass == 1 ? (now > done && now - done > kLingerNs) : c == oldest;
       }
       if (!reusable) continue;
       uint32_t epoch = chan_epoch(cur) + 1;
@@ -131,8 +146,7 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
     }
   }
   if (!claimed)
-    raise(ErrorCode::kFull, "all " + std::to_string(kTransferChannels) +
-                                " transfer channels are in use (finished ones are kept 2 s for late consumers)");
+    raise(ErrorCode::kFull, "all " + std::to_string(kTransferChannels) + " transfer channels are open");
   Channel& ch = channel(t.channel);
   Atomic64* hs = channel_handles(t.channel);
   std::vector<uint64_t> fresh;
@@ -190,9 +204,10 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
   ch.ctl.cas(c, chan_ctl(kChanOpen, t.epoch, slot_), std::memory_order_release);
   flush(&ch.ctl, 8);
   Control* ctrl = ctl();
-  ctrl->channel_event.seq.fetch_add(1, std::memory_order_release);
+  ctrl->channel_event.seq.fetch_add(1, std::memory_order_seq_cst);
   if (ctrl->channel_event.waiters.load(std::memory_order_seq_cst)) wake(ctrl->channel_event.seq);
-  (void)cached;
+  add_counter(kCtrHits, cached);
+  add_counter(kCtrMisses, n - cached);
   return t;
 }
 
@@ -211,22 +226,24 @@ void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src,
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
   const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
   Atomic64* hs = channel_handles(t.channel);
+  uint64_t written = 0;
   for (uint32_t j = 0; j < n; ++j) {
     uint64_t h = hs[j].load(std::memory_order_relaxed);
     if (ch_cached(h)) continue;
     uint8_t* dst = block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
     std::memcpy(dst, src + uint64_t(j) * src_stride, layer_bytes);
     flush(dst, layer_bytes);
+    ++written;
   }
   // SYNC POINT: layer-ready.  The layer's bytes happen-before a consumer that
   // reads ready > layer with acquire.
   uint32_t expect = ready;
-  if (!ch.ready.cas(expect, ready + 1, std::memory_order_release)) {
+  if (!ch.ready.cas(expect, ready + 1, std::memory_order_seq_cst)) {
     if (expect & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
     raise(ErrorCode::kCorrupt, "transfer channel changed under its producer");
   }
   flush(&ch.ready, 4);
-  add_counter(kCtrBytesIn, uint64_t(n) * layer_bytes);
+  add_counter(kCtrBytesIn, written * layer_bytes);
   if (ch.waiters.load(std::memory_order_seq_cst)) wake(ch.ready);
 }
 

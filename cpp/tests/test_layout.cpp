@@ -254,20 +254,22 @@ void expect_plan(const LayoutPlan& p, const ExpectedPlan& e) {
   }
 }
 
-// 512-byte blocks in 8 MiB: the largest block count whose metadata (states,
-// descriptors, index, 64 transfer channels of n/4 handles) fits below the
-// first 2 MiB boundary is 8931; the index has next_pow2(2 * 8931) slots.
+// 512-byte blocks in 8 MiB: metadata (states, descriptors, index, 128 transfer
+// channels) fits below the first 2 MiB boundary, so the data region is
+// [2 MiB, 8 MiB) = 12288 blocks; the index has next_pow2(2 * 12288) slots; a
+// transfer may cover 12288 * 512 / (64 * 128) = 768 blocks (the table stays
+// at most 1/8 of the data).
 TEST(LayoutPlan, SmallBlocksEightMiB) {
   LayoutPlan p = plan_layout(make_geometry({2, 2, 8, 4, 1, 2}), 8ull << 20, kPageBytes);
-  PIN(p.transfer_max_blocks, 2232);
-  expect_plan(p, {8931, 32768, 8ull << 20,
+  PIN(p.transfer_max_blocks, 768);
+  expect_plan(p, {12288, 32768, 8ull << 20,
                   {{4096, 4096},         // control
                    {8192, 32768},        // members: 128 x 256
-                   {40960, 71488},       // states: 8931 x 8, padded to 64
-                   {112448, 571584},     // descriptors: 8931 x 64
-                   {684032, 262144},     // index: 32768 x 8
-                   {946176, 1150976},    // transfer: 64 x (128 + 2232 x 8)
-                   {2097152, 8931ull * 512}}});  // data
+                   {40960, 98304},       // states: 12288 x 8
+                   {139264, 786432},     // descriptors: 12288 x 64
+                   {925696, 262144},     // index: 32768 x 8
+                   {1187840, 802816},    // transfer: 128 x (128 + 768 x 8)
+                   {2097152, 6291456}}});  // data: 12288 x 512
 }
 
 // 2 MiB blocks, a capacity that is not a multiple of anything, rounded up to
@@ -282,7 +284,7 @@ TEST(LayoutPlan, LargeBlocksOddCapacity) {
                    {40960, 384},
                    {41344, 3008},
                    {44352, 8192},
-                   {52544, 32768},  // transfer: 64 x (128 + 48 x 8)
+                   {52544, 65536},  // transfer: 128 x (128 + 48 x 8)
                    {2097152, 47ull * (2ull << 20)}}});
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PoolNotFoundError, TransferAbortedError, TransferError, TransferTimeoutError
+from ..errors import PoolError, PoolNotFoundError, TransferAbortedError, TransferError, TransferTimeoutError
 from ..pool import Pool
 from ..spec import KVSpec
 from .stream import TransferConsumer, TransferProducer
@@ -49,17 +49,17 @@ def _translate(request_id: str, e: Exception) -> Exception:
 
 class _PoolSide:
     def __init__(self, pool: str, spec: KVSpec | None = None, create: bool = False, capacity: str | int = "1GiB",
-                 **pool_options: Any) -> None:
+                 prefault: bool = False, **pool_options: Any) -> None:
         self._name = pool
         if create:
             if spec is None:
                 raise ValueError("creating the pool needs spec=")
             try:
-                self._pool = Pool.open(pool, spec=spec)
+                self._pool = Pool.open(pool, spec=spec, prefault=prefault)
             except PoolNotFoundError:
-                self._pool = Pool.create(pool, spec=spec, capacity=capacity, **pool_options)
+                self._pool = Pool.create(pool, spec=spec, capacity=capacity, prefault=prefault, **pool_options)
         else:
-            self._pool = Pool.open(pool, spec=spec)
+            self._pool = Pool.open(pool, spec=spec, prefault=prefault)
         self.spec = self._pool.spec
         self._reqs: dict[str, dict[str, Any]] = {}
         self._aborted: set[str] = set()
@@ -117,7 +117,7 @@ class PoolProducer(_PoolSide, Producer):
             keys = r["keys"] or request_block_keys(request_id, r["n"])
             try:
                 r["side"] = TransferProducer(self._pool, request_id, keys)
-            except TransferError as e:
+            except PoolError as e:
                 raise _translate(request_id, e) from e
 
     def send_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -125,15 +125,20 @@ class PoolProducer(_PoolSide, Producer):
         r = self._req(request_id)
         tx: TransferProducer = r["side"]
         try:
-            tx.put_layer(layer, r["layers"][layer])
-            if tx.layers_put == self.spec.num_layers:
-                tx.finish()
-        except TransferError as e:
+            tx.put_layers(r["layers"][layer : layer + 1], first=layer, finish=layer == self.spec.num_layers - 1)
+        except PoolError as e:
             raise _translate(request_id, e) from e
 
     def send(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        for layer in range(self.spec.num_layers):
-            self.send_layer(request_id, layer, timeout)
+        # The whole request in one core call: every layer written and flagged, then finished.
+        self.prepare(request_id, timeout)
+        r = self._req(request_id)
+        tx: TransferProducer = r["side"]
+        first = tx.layers_put
+        try:
+            tx.put_layers(r["layers"][first:], first=first, finish=True)
+        except PoolError as e:
+            raise _translate(request_id, e) from e
 
     def abort(self, request_id: str, reason: str = "") -> None:
         self._aborted.add(request_id)
@@ -148,7 +153,7 @@ class PoolConsumer(_PoolSide, Consumer):
         if r["side"] is None:
             try:
                 r["side"] = TransferConsumer(self._pool, request_id, timeout=timeout)
-            except TransferError as e:
+            except PoolError as e:
                 if isinstance(e, TransferError) and "appeared in time" in str(e):
                     raise TransferTimeout(f"request {request_id!r} did not start within {timeout} s") from e
                 raise _translate(request_id, e) from e
@@ -162,14 +167,24 @@ class PoolConsumer(_PoolSide, Consumer):
             return
         rx = self._attach(request_id, timeout)
         try:
-            rx.read_layer(layer, r["layers"][layer], timeout)
-        except TransferError as e:
+            rx.read_layers_into(r["layers"][layer : layer + 1], first=layer, timeout=timeout)
+        except PoolError as e:
             raise _translate(request_id, e) from e
         r["done"].add(layer)
 
     def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        for layer in range(self.spec.num_layers):
-            self.wait_layer(request_id, layer, timeout)
+        r = self._req(request_id)
+        first = 0
+        while first in r["done"]:
+            first += 1
+        if first == self.spec.num_layers:
+            return
+        rx = self._attach(request_id, timeout)
+        try:
+            rx.read_layers_into(r["layers"][first:], first=first, timeout=timeout)  # one call, layers as they come
+        except PoolError as e:
+            raise _translate(request_id, e) from e
+        r["done"].update(range(first, self.spec.num_layers))
 
     def abort(self, request_id: str, reason: str = "") -> None:
         self._aborted.add(request_id)

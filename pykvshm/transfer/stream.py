@@ -80,6 +80,28 @@ class TransferProducer:
         del keep
         self.layers_put = int(layer) + 1
 
+    def put_layers(self, layers: Any, first: int = 0, finish: bool = False) -> None:
+        """Put layers ``first, first+1, ...`` from a layer-major buffer of shape
+        ``(count, num_blocks, 2, block_tokens, num_kv_heads, head_dim)`` (C-contiguous numpy) in one call,
+        each layer published as soon as it is written; ``finish=True`` finishes the transfer too."""
+        spec = self._pool.spec
+        if not isinstance(layers, np.ndarray) or not layers.flags.c_contiguous:
+            raise ShapeMismatchError("put_layers takes a C-contiguous numpy array")
+        if layers.ndim != 6 or tuple(layers.shape[1:]) != (self.num_blocks, *spec.layer_shape) \
+                or layers.dtype != spec.np_dtype:
+            raise ShapeMismatchError(f"expected (count, {self.num_blocks}, *{spec.layer_shape}) of {spec.np_dtype}, "
+                                     f"got {layers.shape} of {layers.dtype}")
+        layer_bytes = spec.block_bytes // spec.num_layers
+        try:
+            self._pool._live().transfer_put_layers(*self._ref, int(first), int(layers.shape[0]), int(layers.ctypes.data),
+                                                   self.num_blocks * layer_bytes, layer_bytes, bool(finish))
+        except Exception:
+            self.abort()
+            raise
+        self.layers_put = int(first) + int(layers.shape[0])
+        if finish:
+            self._done = True
+
     def finish(self) -> None:
         """Seal the blocks into the prefix index and tell consumers the transfer is complete."""
         if self._done:
@@ -174,9 +196,27 @@ class TransferConsumer:
         if is_cuda(out):
             raise ShapeMismatchError("read_all takes a host array; use read_layer for CUDA tensors")
         addr, stride, keep = host_address(out, writable=True)
-        self._pool._live().transfer_read_all(*self._ref, addr, stride, float(timeout))
+        layer_bytes = spec.block_bytes // spec.num_layers
+        self._pool._live().transfer_read_layers(*self._ref, 0, spec.num_layers, addr, layer_bytes, stride,
+                                                float(timeout))
         del keep
         return out
+
+    def read_layers_into(self, layers: Any, first: int = 0, timeout: float = 30.0) -> Any:
+        """Layers ``first, first+1, ...`` into a layer-major buffer ``layers`` of shape
+        ``(count, num_blocks, 2, block_tokens, num_kv_heads, head_dim)`` (C-contiguous numpy),
+        each layer copied as soon as it is ready, in one call that does not hold the GIL."""
+        spec = self._pool.spec
+        if not isinstance(layers, np.ndarray) or not layers.flags.c_contiguous or not layers.flags.writeable:
+            raise ShapeMismatchError("read_layers_into takes a writable C-contiguous numpy array")
+        if layers.ndim != 6 or tuple(layers.shape[1:]) != (self.num_blocks, *spec.layer_shape) \
+                or layers.dtype != spec.np_dtype or not 0 <= first and first + layers.shape[0] <= spec.num_layers:
+            raise ShapeMismatchError(f"expected (count, {self.num_blocks}, *{spec.layer_shape}) of {spec.np_dtype}, "
+                                     f"got {layers.shape} of {layers.dtype}")
+        layer_bytes = spec.block_bytes // spec.num_layers
+        self._pool._live().transfer_read_layers(*self._ref, int(first), int(layers.shape[0]), int(layers.ctypes.data),
+                                                self.num_blocks * layer_bytes, layer_bytes, float(timeout))
+        return layers
 
     def abort(self) -> None:
         """Ask the producer to stop: its next put_layer / finish raises and frees the blocks."""

@@ -30,7 +30,7 @@ inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a c
 inline constexpr uint32_t kMaxMembers = 128;        // attached pool handles at once
 inline constexpr uint32_t kIndexProbeLimit = 64;    // bounded probing, never an unbounded loop
 inline constexpr uint64_t kMaxBlocks = (1ull << 28) - 1;  // index entries hold a 28-bit index
-inline constexpr uint32_t kTransferChannels = 64;   // layer-wise transfers open at once
+inline constexpr uint32_t kTransferChannels = 128;  // layer-wise transfers open (or recently finished) at once
 inline constexpr uint32_t kTransferMaxBlocksCap = 4096;  // blocks of one transfer (fewer in small pools)
 
 enum class Coherence : uint32_t { kCoherent = 0, kNoncoherent = 1 };
