@@ -10,6 +10,13 @@ import pykvshm
 from pykvshm.testing import unique_name
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_source_tree(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Run every test (and the subprocesses it starts) from a scratch folder, so that
+    ``python -c "import pykvshm"`` imports the installed package, not the unbuilt sources."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def pool_name() -> Iterator[str]:
     """A POSIX shm pool name no other test uses; the pool is destroyed afterwards."""

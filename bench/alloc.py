@@ -1,0 +1,104 @@
+"""Allocator throughput: alloc+free of block batches, from Python and from C++, 1 and 2 processes.
+
+    python bench/alloc.py [--seconds 2] [--skip-cpp]
+
+Python: each process loops `handles = pool.alloc(64); pool.free(handles)` on its own pool
+handle; figures are blocks allocated and freed per second (a block op = one alloc or one free).
+C++: builds bench/cpp/alloc_bench.cpp (Release) with CMake into build/bench and runs it
+(1 and 2 threads, one pool member each, batches of 1 and 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+
+import pykvshm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CTX = mp.get_context("fork")
+
+
+def _py_worker(name: str, seconds: float, batch: int, barrier, out, i: int) -> None:
+    pool = pykvshm.Pool.open(name)
+    barrier.wait()
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            pool.free(pool.alloc(batch, evict=False))
+        n += 100 * batch
+    out[i] = 2 * n / (time.perf_counter() - t0)  # alloc + free = 2 block ops per block
+    pool.close()
+
+
+def python_figures(seconds: float) -> list[dict[str, float]]:
+    spec = pykvshm.KVSpec(1, 1, 16, 16, "float16")
+    rows = []
+    for procs in (1, 2):
+        for batch in (1, 64):
+            name = f"pykvshm-bench-alloc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            with pykvshm.Pool.create(name, spec=spec, capacity="16MiB"):
+                out = CTX.RawArray("d", procs)
+                barrier = CTX.Barrier(procs)
+                ps = [CTX.Process(target=_py_worker, args=(name, seconds, batch, barrier, out, i)) for i in range(procs)]
+                for p in ps:
+                    p.start()
+                for p in ps:
+                    p.join()
+            pykvshm.Pool.destroy(name)
+            rows.append({"procs": procs, "batch": batch, "block_ops_per_s": float(sum(out)),
+                         "per_process": float(np.mean(out))})
+    return rows
+
+
+def cpp_figures(seconds: float) -> str:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:
+            import cmake as cm
+
+            cmake = os.path.join(cm.CMAKE_BIN_DIR, "cmake")
+        except ImportError:
+            return "skipped: cmake not found (pip install cmake)"
+    build = os.path.join(ROOT, "build", "bench")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run([cmake, "-S", ROOT, "-B", build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DPYKVSHM_BUILD_PYTHON=OFF",
+                    "-DPYKVSHM_BUILD_BENCH=ON"], check=True, capture_output=True)
+    subprocess.run([cmake, "--build", build, "--target", "pykvshm_alloc_bench", "-j2"], check=True, capture_output=True)
+    r = subprocess.run([os.path.join(build, "pykvshm_alloc_bench"), "--seconds", str(seconds)], check=True,
+                       capture_output=True, text=True)
+    return r.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--skip-cpp", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = python_figures(args.seconds)
+    print("Python (pool.alloc(batch) + pool.free), block ops/s:")
+    for r in rows:
+        print(f"  {r['procs']} process(es), batch {r['batch']:2d}: {r['block_ops_per_s'] / 1e6:7.2f} M total, "
+              f"{r['per_process'] / 1e6:6.2f} M per process")
+    cpp = "skipped" if args.skip_cpp else cpp_figures(args.seconds)
+    print("C++ (bench/cpp/alloc_bench.cpp):")
+    print(cpp)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"python": rows, "cpp": cpp}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
