@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -10,11 +11,15 @@ import pykvshm
 from pykvshm.testing import unique_name
 
 
-@pytest.fixture(autouse=True)
-def _outside_the_source_tree(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Run every test (and the subprocesses it starts) from a scratch folder, so that
-    ``python -c "import pykvshm"`` imports the installed package, not the unbuilt sources."""
-    monkeypatch.chdir(tmp_path)
+    ``python -c "import pykvshm"`` imports the installed package, not the unbuilt sources
+    in the repository root."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Baseline transports across two real processes (spawn): bytes, layer order, timeouts, aborts.
+"""Baseline transports across two real processes: bytes, layer order, timeouts, aborts.
 
 Each test starts one producer and one consumer process that share a pipe for the out-of-band
 metadata and for sequencing; every wait is bounded and the parent kills children that outlive
@@ -67,7 +67,10 @@ def _run_pair(name: str, producer_script, consumer_script) -> tuple[dict, dict]:
     package, options = BACKENDS[name]
     if package is not None:
         _skip_without(package)
-    ctx = mp.get_context("spawn")
+    # fork: the children run this module's functions, which a spawned child could only import
+    # with the repository root on sys.path (and then it would import the unbuilt sources).
+    # The parent never imports nixl or mooncake, so nothing of theirs is forked.
+    ctx = mp.get_context("fork")
     results = ctx.Queue()
     a, b = ctx.Pipe()
     procs = [ctx.Process(target=_child, args=("producer", name, options, a, results, producer_script)),
