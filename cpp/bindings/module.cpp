@@ -21,30 +21,7 @@ void register_errors(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const Error& e) {
-      const char* name = "PoolError";
-      switch (e.code()) {
-        case ErrorCode::kExists: name = "PoolExistsError"; break;
-        case ErrorCode::kNotFound: name = "PoolNotFoundError"; break;
-        case ErrorCode::kFull: name = "PoolFullError"; break;
-        case ErrorCode::kLayoutMismatch: name = "LayoutMismatchError"; break;
-        case ErrorCode::kGeometry: name = "GeometryMismatchError"; break;
-        case ErrorCode::kCorrupt: name = "CorruptPoolError"; break;
-        case ErrorCode::kInitializing: name = "PoolInitializingError"; break;
-        case ErrorCode::kInvalidName: name = "InvalidNameError"; break;
-        case ErrorCode::kInvalidHandle: name = "InvalidHandleError"; break;
-        case ErrorCode::kStaleHandle: name = "StaleHandleError"; break;
-        case ErrorCode::kDoubleFree: name = "DoubleFreeError"; break;
-        case ErrorCode::kMembersFull: name = "MembersFullError"; break;
-        case ErrorCode::kPlacement: name = "PlacementError"; break;
-        case ErrorCode::kChecksum: name = "ChecksumError"; break;
-        case ErrorCode::kClosed: name = "PoolClosedError"; break;
-        case ErrorCode::kForked: name = "ForkedHandleError"; break;
-        case ErrorCode::kMemberLost: name = "MemberLostError"; break;
-        case ErrorCode::kTimeout: name = "TransferTimeoutError"; break;
-        case ErrorCode::kAborted: name = "TransferAbortedError"; break;
-        case ErrorCode::kGone: name = "TransferGoneError"; break;
-        case ErrorCode::kPool: break;
-      }
+      const char* name = error_class_name(e.code());
       py::object cls = py::module_::import("pykvshm.errors").attr(name);
       PyErr_SetString(cls.ptr(), e.what());
     }

@@ -18,49 +18,13 @@
 #include "pykvshm/pool.h"
 #include "pykvshm/state.h"
 
+#include "test_support.h"
+
 namespace pykvshm {
 namespace {
 
 using namespace layout;
-
-// 2 layers x 2 kv heads x head_dim 8 x 4 tokens x fp16 = 512-byte blocks.
-const GeometryIn kSmall{2, 2, 8, 4, 1, 2};
-constexpr uint64_t kBlockBytes = 512;
-
-const char* code_name(ErrorCode c) {
-  switch (c) {
-    case ErrorCode::kPool: return "kPool";
-    case ErrorCode::kExists: return "kExists";
-    case ErrorCode::kNotFound: return "kNotFound";
-    case ErrorCode::kFull: return "kFull";
-    case ErrorCode::kLayoutMismatch: return "kLayoutMismatch";
-    case ErrorCode::kGeometry: return "kGeometry";
-    case ErrorCode::kCorrupt: return "kCorrupt";
-    case ErrorCode::kInitializing: return "kInitializing";
-    case ErrorCode::kInvalidName: return "kInvalidName";
-    case ErrorCode::kInvalidHandle: return "kInvalidHandle";
-    case ErrorCode::kStaleHandle: return "kStaleHandle";
-    case ErrorCode::kDoubleFree: return "kDoubleFree";
-    case ErrorCode::kMembersFull: return "kMembersFull";
-    case ErrorCode::kPlacement: return "kPlacement";
-    case ErrorCode::kChecksum: return "kChecksum";
-    case ErrorCode::kClosed: return "kClosed";
-    case ErrorCode::kForked: return "kForked";
-    default: break;
-  }
-  return "(another code)";
-}
-
-// Runs `stmt`, which must throw pykvshm::Error with `code`.
-#define EXPECT_CODE(stmt, want)                                                                       \
-  do {                                                                                                \
-    try {                                                                                             \
-      stmt;                                                                                           \
-      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(want);                       \
-    } catch (const ::pykvshm::Error& e_) {                                                            \
-      EXPECT_EQ(e_.code(), want) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
-    }                                                                                                 \
-  } while (0)
+using namespace ::pykvshm::testing;
 
 std::vector<uint8_t> key_bytes(uint64_t first, size_t n) {
   std::vector<uint8_t> k(16 * n);

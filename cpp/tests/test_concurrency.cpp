@@ -46,6 +46,8 @@
 #include "pykvshm/pool.h"
 #include "pykvshm/state.h"
 
+#include "test_support.h"
+
 #if defined(__SANITIZE_THREAD__)
 #define PYKVSHM_TSAN 1
 #elif defined(__has_feature)
@@ -65,10 +67,9 @@ namespace pykvshm {
 namespace {
 
 using namespace layout;
+using namespace ::pykvshm::testing;
 using Clock = std::chrono::steady_clock;
 
-const GeometryIn kSmall{2, 2, 8, 4, 1, 2};  // 512-byte blocks
-constexpr uint64_t kBlockBytes = 512;
 constexpr uint64_t kWords = kBlockBytes / 8;
 
 // How long each stress test runs.  Sanitized builds run the same code several

@@ -18,47 +18,13 @@
 #include "pykvshm/pool.h"
 #include "pykvshm/state.h"
 
+#include "test_support.h"
+
 namespace pykvshm {
 namespace {
 
 using namespace layout;
-
-const GeometryIn kSmall{2, 2, 8, 4, 1, 2};  // 512-byte blocks
-constexpr uint64_t kBlockBytes = 512;
-
-const char* code_name(ErrorCode c) {
-  switch (c) {
-    case ErrorCode::kPool: return "kPool";
-    case ErrorCode::kExists: return "kExists";
-    case ErrorCode::kNotFound: return "kNotFound";
-    case ErrorCode::kFull: return "kFull";
-    case ErrorCode::kLayoutMismatch: return "kLayoutMismatch";
-    case ErrorCode::kGeometry: return "kGeometry";
-    case ErrorCode::kCorrupt: return "kCorrupt";
-    case ErrorCode::kInitializing: return "kInitializing";
-    case ErrorCode::kInvalidName: return "kInvalidName";
-    case ErrorCode::kInvalidHandle: return "kInvalidHandle";
-    case ErrorCode::kStaleHandle: return "kStaleHandle";
-    case ErrorCode::kDoubleFree: return "kDoubleFree";
-    case ErrorCode::kMembersFull: return "kMembersFull";
-    case ErrorCode::kPlacement: return "kPlacement";
-    case ErrorCode::kChecksum: return "kChecksum";
-    case ErrorCode::kClosed: return "kClosed";
-    case ErrorCode::kForked: return "kForked";
-    default: break;
-  }
-  return "(another code)";
-}
-
-#define EXPECT_CODE(stmt, want)                                                                       \
-  do {                                                                                                \
-    try {                                                                                             \
-      stmt;                                                                                           \
-      ADD_FAILURE() << #stmt << " did not throw; expected " << code_name(want);                       \
-    } catch (const ::pykvshm::Error& e_) {                                                            \
-      EXPECT_EQ(e_.code(), want) << #stmt << " threw " << code_name(e_.code()) << ": " << e_.what(); \
-    }                                                                                                 \
-  } while (0)
+using namespace ::pykvshm::testing;
 
 // Keys are numbered; a key's block content is a function of the key alone, so
 // any reader can tell whether a block holds what its key promises.

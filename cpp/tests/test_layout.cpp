@@ -25,10 +25,13 @@
 #include "pykvshm/pool.h"
 #include "pykvshm/state.h"
 
+#include "test_support.h"
+
 namespace pykvshm {
 namespace {
 
 using namespace layout;
+using namespace ::pykvshm::testing;
 
 constexpr const char* kBump = "on-media layout changed: bump layout::kLayoutVersion and update docs/design/layout.md";
 
@@ -300,30 +303,6 @@ TEST(LayoutPlan, TooSmallForOneBlockIsFull) {
 
 // ---------------------------------------------------------------------------
 // validate_superblock: one corruption at a time
-
-const char* code_name(ErrorCode c) {
-  switch (c) {
-    case ErrorCode::kPool: return "kPool";
-    case ErrorCode::kExists: return "kExists";
-    case ErrorCode::kNotFound: return "kNotFound";
-    case ErrorCode::kFull: return "kFull";
-    case ErrorCode::kLayoutMismatch: return "kLayoutMismatch";
-    case ErrorCode::kGeometry: return "kGeometry";
-    case ErrorCode::kCorrupt: return "kCorrupt";
-    case ErrorCode::kInitializing: return "kInitializing";
-    case ErrorCode::kInvalidName: return "kInvalidName";
-    case ErrorCode::kInvalidHandle: return "kInvalidHandle";
-    case ErrorCode::kStaleHandle: return "kStaleHandle";
-    case ErrorCode::kDoubleFree: return "kDoubleFree";
-    case ErrorCode::kMembersFull: return "kMembersFull";
-    case ErrorCode::kPlacement: return "kPlacement";
-    case ErrorCode::kChecksum: return "kChecksum";
-    case ErrorCode::kClosed: return "kClosed";
-    case ErrorCode::kForked: return "kForked";
-    default: break;
-  }
-  return "(another code)";
-}
 
 std::string shm_name_for_test() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();

@@ -42,4 +42,32 @@ class Error : public std::runtime_error {
 
 [[noreturn]] inline void raise(ErrorCode code, const std::string& what) { throw Error(code, what); }
 
+// The pykvshm.errors class each code is raised as in Python (also used by the C++ tests).
+inline const char* error_class_name(ErrorCode c) noexcept {
+  switch (c) {
+    case ErrorCode::kPool: return "PoolError";
+    case ErrorCode::kExists: return "PoolExistsError";
+    case ErrorCode::kNotFound: return "PoolNotFoundError";
+    case ErrorCode::kFull: return "PoolFullError";
+    case ErrorCode::kLayoutMismatch: return "LayoutMismatchError";
+    case ErrorCode::kGeometry: return "GeometryMismatchError";
+    case ErrorCode::kCorrupt: return "CorruptPoolError";
+    case ErrorCode::kInitializing: return "PoolInitializingError";
+    case ErrorCode::kInvalidName: return "InvalidNameError";
+    case ErrorCode::kInvalidHandle: return "InvalidHandleError";
+    case ErrorCode::kStaleHandle: return "StaleHandleError";
+    case ErrorCode::kDoubleFree: return "DoubleFreeError";
+    case ErrorCode::kMembersFull: return "MembersFullError";
+    case ErrorCode::kPlacement: return "PlacementError";
+    case ErrorCode::kChecksum: return "ChecksumError";
+    case ErrorCode::kClosed: return "PoolClosedError";
+    case ErrorCode::kForked: return "ForkedHandleError";
+    case ErrorCode::kMemberLost: return "MemberLostError";
+    case ErrorCode::kTimeout: return "TransferTimeoutError";
+    case ErrorCode::kAborted: return "TransferAbortedError";
+    case ErrorCode::kGone: return "TransferGoneError";
+  }
+  return "PoolError";
+}
+
 }  // namespace pykvshm
