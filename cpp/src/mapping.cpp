@@ -281,11 +281,14 @@ void Mapping::destroy(const std::string& name) {
   struct stat st {};
   fstat(fd, &st);
   if (S_ISCHR(st.st_mode)) {
-    // A device cannot be unlinked: wipe the superblock so it no longer looks like a pool.
-    std::vector<uint8_t> zero(4096, 0);
-    ssize_t w = pwrite(fd, zero.data(), zero.size(), 0);
+    // A device cannot be unlinked, and device DAX supports no write(2): map its first
+    // 2 MiB (the device's alignment) and wipe the superblock page so it is no pool any more.
+    void* p = mmap(nullptr, 2ull << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     ::close(fd);
-    if (w != ssize_t(zero.size())) raise(ErrorCode::kPool, "cannot wipe the superblock of " + name);
+    if (p == MAP_FAILED) raise(ErrorCode::kPool, "cannot map device " + name + " to wipe its superblock: " + errno_text(errno));
+    std::memset(p, 0, 4096);
+    msync(p, 4096, MS_SYNC);
+    munmap(p, 2ull << 20);
     return;
   }
   ::close(fd);
