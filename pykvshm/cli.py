@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--rate", type=float, default=8.0, help="mean request arrival rate (Poisson), per second")
+    p.add_argument("--prefill-instances", type=int, default=2,
+                   help="prefill engines (round robin); the pool is one prefix cache for all of them")
     p.add_argument("--baselines", default="tcp,nixl,recompute", help="comma-separated: tcp, nixl, mooncake, recompute")
     p.add_argument("--pool", default="pykvshm-demo", help="shm name of the pool (created, destroyed after)")
     p.add_argument("--out", default="pykvshm-demo", help="folder for the report (JSON) and plot (PNG)")

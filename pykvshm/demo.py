@@ -166,8 +166,11 @@ def _spec_for(args: argparse.Namespace) -> Any:
 
 
 def prefill_worker(args: argparse.Namespace, transport: str, folder: str, inbox: Any, to_decode: Any,
-                   meta_out: Any, meta_in: Any) -> None:
-    """Runs requests as they arrive; streams each layer's new full blocks to the decode worker."""
+                   meta_out: Any, meta_in: Any, instance: int = 0) -> None:
+    """Runs requests as they arrive; streams each layer's new full blocks to the decode worker.
+
+    Several instances may run; with the pool they share one prefix cache, with a baseline each
+    keeps its own (as separate engines do)."""
     try:
         import torch
 
@@ -189,7 +192,7 @@ def prefill_worker(args: argparse.Namespace, transport: str, folder: str, inbox:
             side = get_transport(transport).producer()
             meta_out.put(side.metadata())
             side.connect(meta_in.get(timeout=60), timeout=60)
-        to_decode.put(("ready", None))
+        to_decode.put(("ready", instance))
         t0 = inbox.get()  # the driver's clock origin, once both workers are up
         while True:
             msg = inbox.get()
@@ -216,7 +219,7 @@ def prefill_worker(args: argparse.Namespace, transport: str, folder: str, inbox:
                     hit += 1
                 blocks = np.stack([local_cache[k] for k in keys[:hit]]) if hit else None
             to_decode.put(("start", {"rid": req.rid, "prompt": req.prompt, "hit": hit, "nfull": nfull,
-                                     "arrival": t0 + req.arrival, "start": start}))
+                                     "arrival": t0 + req.arrival, "start": start, "instance": instance}))
             # Cached prefix into a DynamicCache; compute only the rest.
             if hit:
                 cache = blocks_to_cache(blocks, cfg)
@@ -271,7 +274,7 @@ def prefill_worker(args: argparse.Namespace, transport: str, folder: str, inbox:
                 side.release(req.rid)
         if pool is not None:
             pool.close()
-        to_decode.put(("done", None))
+        to_decode.put(("done", instance))
     except BaseException:
         to_decode.put(("error", traceback.format_exc()))
     finally:
@@ -282,7 +285,7 @@ def prefill_worker(args: argparse.Namespace, transport: str, folder: str, inbox:
 
 
 def decode_worker(args: argparse.Namespace, transport: str, folder: str, from_prefill: Any, results: Any,
-                  meta_out: Any, meta_in: Any) -> None:
+                  meta_outs: list[Any], meta_ins: list[Any]) -> None:
     """Receives the KV of each request, then decodes greedily."""
     try:
         import torch
@@ -295,15 +298,19 @@ def decode_worker(args: argparse.Namespace, transport: str, folder: str, from_pr
         spec = _spec_for(args)
         bt = args.block_tokens
         salt = b"pykvshm-demo-model-%d" % args.seed
-        pool = side = None
+        pool = None
+        sides: list[Any] = []  # one consumer per prefill instance (baselines)
         if transport == "pool":
             pool = pykvshm.Pool.open(args.pool, spec=spec)
         elif transport != "recompute":
             from pykvshm.transfer.baselines import get_transport
 
-            side = get_transport(transport).consumer()
-            meta_out.put(side.metadata())
-            side.connect(meta_in.get(timeout=60), timeout=60)
+            for meta_out in meta_outs:
+                side = get_transport(transport).consumer()
+                meta_out.put(side.metadata())
+                sides.append(side)
+            for side, meta_in in zip(sides, meta_ins):
+                side.connect(meta_in.get(timeout=60), timeout=60)
         # warm up
         with torch.no_grad():
             model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True)
@@ -324,7 +331,8 @@ def decode_worker(args: argparse.Namespace, transport: str, folder: str, from_pr
                     if nfull > hit:
                         with TransferConsumer(pool, rid, timeout=60) as rx:
                             rx.read_all(blocks[hit:], timeout=60)  # layer by layer, as prefill produces them
-                elif side is not None and nfull:
+                elif sides and nfull:
+                    side = sides[info["instance"]]
                     buf = np.empty((spec.num_layers, nfull, *spec.layer_shape), dtype=np.float32)
                     side.register(rid, buf, spec.num_layers)
                     for layer in range(spec.num_layers):
@@ -342,6 +350,7 @@ def decode_worker(args: argparse.Namespace, transport: str, folder: str, from_pr
         lock = threading.Lock()
 
         def receive() -> None:
+            readies = dones = 0
             while True:
                 kind, payload = from_prefill.get()
                 if kind == "start":
@@ -350,6 +359,15 @@ def decode_worker(args: argparse.Namespace, transport: str, folder: str, from_pr
                         pending[payload["rid"]] = payload
                     payload["loader"].start()
                     continue
+                if kind == "ready":
+                    readies += 1
+                    if readies == len(meta_outs):  # every prefill instance is up
+                        decode_queue.put(("ready", None))
+                    continue
+                if kind == "done":
+                    dones += 1
+                    if dones < len(meta_outs):
+                        continue
                 decode_queue.put((kind, payload))
                 if kind in ("done", "error"):
                     return
@@ -451,17 +469,22 @@ def run_transport(args: argparse.Namespace, transport: str, folder: str, reqs: l
     import pykvshm
 
     ctx = mp.get_context("spawn")
-    inbox, to_decode, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    m1, m2 = ctx.Queue(), ctx.Queue()
+    n_pre = max(1, int(args.prefill_instances))
+    inboxes = [ctx.Queue() for _ in range(n_pre)]
+    to_decode, results = ctx.Queue(), ctx.Queue()
+    m1 = [ctx.Queue() for _ in range(n_pre)]  # prefill i -> decode: its transport metadata
+    m2 = [ctx.Queue() for _ in range(n_pre)]  # decode -> prefill i
     if transport == "pool":
         try:
             pykvshm.Pool.destroy(args.pool)
         except pykvshm.errors.PoolNotFoundError:
             pass
         pool = pykvshm.Pool.create(args.pool, spec=_spec_for(args), capacity=args.capacity, prefault=True)
-    pre = ctx.Process(target=prefill_worker, args=(args, transport, folder, inbox, to_decode, m1, m2))
+    pres = [ctx.Process(target=prefill_worker, args=(args, transport, folder, inboxes[i], to_decode, m1[i], m2[i], i))
+            for i in range(n_pre)]
     dec = ctx.Process(target=decode_worker, args=(args, transport, folder, to_decode, results, m2, m1))
-    pre.start()
+    for p in pres:
+        p.start()
     dec.start()
     out: list[dict[str, Any]] = []
     error = None
@@ -470,16 +493,18 @@ def run_transport(args: argparse.Namespace, transport: str, folder: str, reqs: l
         if kind != "ready":
             raise RuntimeError(payload)
         t0 = time.monotonic() + 0.2
-        inbox.put(t0)
-        for r in reqs:
-            inbox.put(r)
-        inbox.put(None)
+        for inbox in inboxes:
+            inbox.put(t0)
+        for j, r in enumerate(reqs):  # round robin over the prefill instances
+            inboxes[j % n_pre].put(r)
+        for inbox in inboxes:
+            inbox.put(None)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
                 kind, payload = results.get(timeout=5)
             except queue.Empty:
-                if not dec.is_alive() and not pre.is_alive():
+                if not dec.is_alive() and not any(p.is_alive() for p in pres):
                     break
                 continue
             if kind == "result":
@@ -491,7 +516,7 @@ def run_transport(args: argparse.Namespace, transport: str, folder: str, reqs: l
             elif kind == "done":
                 break
     finally:
-        for p in (pre, dec):
+        for p in (*pres, dec):
             p.join(30)
             if p.is_alive():
                 p.kill()
@@ -592,6 +617,8 @@ def main(args: argparse.Namespace) -> int:
           f"{args.new_tokens} new tokens each, Poisson arrivals at {args.rate}/s", flush=True)
     print(f"model: seeded random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
           f"{args.kv_heads} kv heads, fp32; {args.block_tokens}-token KV blocks; pool /dev/shm/{args.pool}", flush=True)
+    print(f"{args.prefill_instances} prefill instance(s), requests round robin; with the pool they share one prefix "
+          f"cache, with a baseline each keeps its own; 1 decode instance", flush=True)
     with tempfile.TemporaryDirectory(prefix="pykvshm-demo-") as folder:
         t = time.monotonic()
         write_model(args, folder)

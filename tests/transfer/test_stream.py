@@ -46,8 +46,8 @@ def _producer(name: str, rid: str, n: int, delay: float, stamps, start_evt, mode
                 os._exit(0)
             if mode == "stall" and layer == 2:
                 time.sleep(30)
+            stamps[layer] = time.monotonic()  # before the put: a consumer may have it before put_layer returns
             tx.put_layer(layer, np.ascontiguousarray(data[:, layer]))
-            stamps[layer] = time.monotonic()
         tx.finish()
     except errors.TransferAbortedError:
         stamps[SPEC.num_layers] = -1.0  # told that the consumer aborted
@@ -80,7 +80,8 @@ def test_layers_arrive_in_order_while_prefill_runs(tpool) -> None:
             assert np.array_equal(out.view(np.uint16), expect[:, layer].view(np.uint16))
     p.join(10)
     assert p.exitcode == 0
-    # Overlap: layer 0 was in the consumer's hands before the producer put the last layer.
+    # Overlap: layer 0 was in the consumer's hands before the producer began putting the last
+    # layer, and no layer reached the consumer before the producer began putting it.
     assert got_at[0] < stamps[SPEC.num_layers - 1]
     assert all(got_at[i] >= stamps[i] for i in range(SPEC.num_layers))
     # Finished: the blocks are sealed into the prefix index.
