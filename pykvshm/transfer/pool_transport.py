@@ -197,11 +197,5 @@ class PoolTransport(Transport):
     """The shared-memory pool.  Options: ``pool`` (name), ``spec``, ``create``, ``capacity``."""
 
     name = "pool"
-
-    @classmethod
-    def producer(cls, **options: Any) -> Producer:
-        return PoolProducer(**options)
-
-    @classmethod
-    def consumer(cls, **options: Any) -> Consumer:
-        return PoolConsumer(**options)
+    producer_class = PoolProducer
+    consumer_class = PoolConsumer

@@ -33,12 +33,14 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
 
 __all__ = [
     "BackendUnavailableError",
+    "BookConsumer",
     "Consumer",
     "LayerBook",
     "Producer",
@@ -189,27 +191,57 @@ class Consumer(_Side):
         """Block until every layer of ``request_id`` is in this side's buffer (same errors)."""
 
 
+class BookConsumer(Consumer):
+    """A consumer whose arrived layers are tracked in ``self._book`` (a :class:`LayerBook`).
+
+    ``_poll``, when not None, is called while waiting (for transports whose notifications must
+    be pumped by the waiting thread).
+    """
+
+    _book: "LayerBook"
+    _poll: Callable[[], object] | None = None
+
+    def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        _, num_layers, _ = self._book.get(request_id)
+        self._book.wait_layers(request_id, layer_range(num_layers, layer), timeout, poll=self._poll)
+
+    def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        _, num_layers, _ = self._book.get(request_id)
+        self._book.wait_layers(request_id, layer_range(num_layers, None), timeout, poll=self._poll)
+
+
 class Transport:
     """A named pair of factories; the unit a benchmark or an engine swaps.
 
-    Subclasses set ``name`` and override :meth:`producer` and :meth:`consumer`; keyword options
-    are implementation specific (documented on each implementation).
+    Subclasses set ``name``, ``producer_class`` and ``consumer_class`` (and ``requires``, a
+    function that imports the packages they need and raises :class:`BackendUnavailableError`
+    without them); keyword options are implementation specific (documented on each
+    implementation).
     """
 
     name: ClassVar[str] = ""
+    producer_class: ClassVar[Callable[..., Producer]]
+    consumer_class: ClassVar[Callable[..., Consumer]]
+    requires: ClassVar[Callable[[], object] | None] = None
 
     @classmethod
     def available(cls) -> bool:
         """True when the packages this transport needs can be imported here."""
+        if cls.requires is None:
+            return True
+        try:
+            cls.requires()
+        except ImportError:
+            return False
         return True
 
     @classmethod
     def producer(cls, **options: object) -> Producer:
-        raise NotImplementedError
+        return cls.producer_class(**options)
 
     @classmethod
     def consumer(cls, **options: object) -> Consumer:
-        raise NotImplementedError
+        return cls.consumer_class(**options)
 
 
 class LayerBook:

@@ -22,7 +22,7 @@ import numpy as np
 from ..transport import (
     DEFAULT_TIMEOUT,
     BackendUnavailableError,
-    Consumer,
+    BookConsumer,
     LayerBook,
     Producer,
     TransferTimeout,
@@ -174,7 +174,7 @@ class MooncakeProducer(_MooncakeSide, Producer):
         self._send_layers(request_id, None, timeout)
 
 
-class MooncakeConsumer(_MooncakeSide, Consumer):
+class MooncakeConsumer(_MooncakeSide, BookConsumer):
     """Registers destination buffers with its engine; notices arrive on the side channel."""
 
     def __init__(self, **options) -> None:
@@ -200,14 +200,6 @@ class MooncakeConsumer(_MooncakeSide, Consumer):
         if kind == DATA:
             self._book.mark_ready(rid, range(a, a + b))
 
-    def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, layer), timeout)
-
-    def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, None), timeout)
-
     def close(self) -> None:
         self._server.close()
         super().close()
@@ -217,19 +209,6 @@ class MooncakeTransport(Transport):
     """Mooncake Transfer Engine, P2PHANDSHAKE metadata, one write per layer."""
 
     name = "mooncake"
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            _import_engine()
-        except ImportError:
-            return False
-        return True
-
-    @classmethod
-    def producer(cls, **options) -> MooncakeProducer:
-        return MooncakeProducer(**options)
-
-    @classmethod
-    def consumer(cls, **options) -> MooncakeConsumer:
-        return MooncakeConsumer(**options)
+    producer_class = MooncakeProducer
+    consumer_class = MooncakeConsumer
+    requires = staticmethod(_import_engine)

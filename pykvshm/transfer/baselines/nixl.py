@@ -28,7 +28,7 @@ import numpy as np
 from ..transport import (
     DEFAULT_TIMEOUT,
     BackendUnavailableError,
-    Consumer,
+    BookConsumer,
     LayerBook,
     Producer,
     TransferTimeout,
@@ -244,7 +244,7 @@ class NixlProducer(_NixlSide, Producer):
         super().release(request_id)
 
 
-class NixlConsumer(_NixlSide, Consumer):
+class NixlConsumer(_NixlSide, BookConsumer):
     """Registers destination buffers and polls NIXL notifications while waiting."""
 
     def __init__(self, **options) -> None:
@@ -262,32 +262,15 @@ class NixlConsumer(_NixlSide, Consumer):
             first, count = _DATA_BODY.unpack_from(body)
             self._book.mark_ready(rid, range(first, first + count))
 
-    def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, layer), timeout, poll=self._progress)
-
-    def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, None), timeout, poll=self._progress)
+    @property
+    def _poll(self):  # type: ignore[override]
+        return self._progress  # NIXL notifications are pumped by the waiting thread
 
 
 class NixlTransport(Transport):
     """NIXL agents with the UCX backend, WRITE + notification per layer."""
 
     name = "nixl"
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            _import_nixl()
-        except ImportError:
-            return False
-        return True
-
-    @classmethod
-    def producer(cls, **options) -> NixlProducer:
-        return NixlProducer(**options)
-
-    @classmethod
-    def consumer(cls, **options) -> NixlConsumer:
-        return NixlConsumer(**options)
+    producer_class = NixlProducer
+    consumer_class = NixlConsumer
+    requires = staticmethod(_import_nixl)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..transport import (
     DEFAULT_TIMEOUT,
-    Consumer,
+    BookConsumer,
     LayerBook,
     Producer,
     TransferTimeout,
@@ -253,7 +253,7 @@ class TcpProducer(_TcpSide, Producer):
         self._send_layers(request_id, None, timeout)
 
 
-class TcpConsumer(_TcpSide, Consumer):
+class TcpConsumer(_TcpSide, BookConsumer):
     """Consumer: listens on ``host`` (loopback by default) and receives into registered buffers."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
@@ -291,14 +291,6 @@ class TcpConsumer(_TcpSide, Consumer):
         link.recv_into(memoryview(buf).cast("B")[start:start + length])
         self._book.mark_ready(rid, range(a, a + b))
 
-    def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, layer), timeout)
-
-    def wait(self, request_id: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _, num_layers, _ = self._book.get(request_id)
-        self._book.wait_layers(request_id, layer_range(num_layers, None), timeout)
-
     def close(self) -> None:
         self._server.close()
         super().close()
@@ -308,11 +300,5 @@ class TcpTransport(Transport):
     """Python sockets; ``consumer(host=...)`` picks the listening interface (loopback default)."""
 
     name = "tcp"
-
-    @classmethod
-    def producer(cls, **options: object) -> TcpProducer:
-        return TcpProducer(**options)  # type: ignore[arg-type]
-
-    @classmethod
-    def consumer(cls, **options: object) -> TcpConsumer:
-        return TcpConsumer(**options)  # type: ignore[arg-type]
+    producer_class = TcpProducer
+    consumer_class = TcpConsumer
