@@ -21,14 +21,13 @@ import uuid
 import numpy as np
 
 import pykvshm
-from pykvshm.testing import blocks_for_keys, verify_block
+from pykvshm.testing import blocks_for_keys, count_wrong_blocks, prompt_keys, write_layer_by_layer
 
 CTX = mp.get_context("fork")
 
 
 def keys_for(spec: pykvshm.KVSpec, prompt: int, blocks: int) -> list[bytes]:
-    return pykvshm.block_keys(np.arange(blocks * spec.block_tokens) + prompt * 1_000_003, spec.block_tokens,
-                              salt=b"soak")
+    return prompt_keys(spec, prompt, blocks, salt=b"soak")
 
 
 def worker(name: str, me: int, seconds: float, prompts: int, blocks: int, counts, wrong, barrier) -> None:
@@ -50,15 +49,11 @@ def worker(name: str, me: int, seconds: float, prompts: int, blocks: int, counts
             elif op < 0.45:
                 keys = keys_for(spec, rng.randrange(prompts), blocks)
                 with pool.writer(keys) as w:
-                    data = blocks_for_keys([keys[int(p)] for p in w.positions], spec)
-                    for layer in range(spec.num_layers):
-                        w.write_layer(layer, np.ascontiguousarray(data[:, layer]))
+                    write_layer_by_layer(w, keys, spec)
             elif op < 0.85:
                 keys = keys_for(spec, rng.randrange(prompts), blocks)
                 with pool.acquire(keys) as lease:
-                    n = len(lease)
-                    lease.copy_to(out[:n])
-                wrong[me] += sum(not verify_block(out[j], keys[j]) for j in range(n))
+                    wrong[me] += count_wrong_blocks(lease, keys, out)
             elif op < 0.97:
                 if held and rng.random() < 0.5:
                     pool.free(np.array(held, dtype=np.uint64))

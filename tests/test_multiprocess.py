@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 import pykvshm
-from pykvshm.testing import blocks_for_keys, verify_block
+from pykvshm.testing import blocks_for_keys, count_wrong_blocks, verify_block
 
 CTX = mp.get_context("fork")
 
@@ -118,13 +118,7 @@ def _reader(name: str, me: int, barrier, seconds: float, prompts: int, blocks: i
                                   salt=b"prompt")
         with pool.acquire(keys) as lease:
             n = len(lease)
-            if rng.random() < 0.5:
-                views = lease.views()
-                bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
-                del views
-            else:
-                lease.copy_to(out[:n])
-                bad = sum(not verify_block(out[j], keys[j]) for j in range(n))
+            bad = count_wrong_blocks(lease, keys, None if rng.random() < 0.5 else out)
             time.sleep(rng.random() * 0.001)  # hold the pins a little while eviction runs
         if bad:
             errors.value += bad

@@ -3,9 +3,17 @@
 import os
 import uuid
 
-from .content import block_content, blocks_for_keys, verify_block
+from .content import (
+    block_content,
+    blocks_for_keys,
+    count_wrong_blocks,
+    prompt_keys,
+    verify_block,
+    write_layer_by_layer,
+)
 
-__all__ = ["block_content", "blocks_for_keys", "unique_name", "verify_block"]
+__all__ = ["block_content", "blocks_for_keys", "count_wrong_blocks", "prompt_keys", "unique_name", "verify_block",
+           "write_layer_by_layer"]
 
 
 def unique_name(tag: str = "t") -> str:

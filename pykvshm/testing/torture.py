@@ -24,10 +24,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import PoolError, PoolFullError
-from ..keys import block_keys
 from ..pool import Pool
 from ..spec import KVSpec
-from .content import blocks_for_keys, verify_block
+from .content import blocks_for_keys, count_wrong_blocks, prompt_keys, write_layer_by_layer
 
 _CTX = mp.get_context("fork")
 _MAX_WORKERS = 1 << 16
@@ -56,8 +55,7 @@ class TortureReport:
 
 
 def _prompt_keys(spec: KVSpec, prompt: int, blocks: int) -> list[bytes]:
-    tokens = np.arange(blocks * spec.block_tokens, dtype=np.int64) + prompt * 1_000_003
-    return block_keys(tokens, spec.block_tokens, salt=b"torture")
+    return prompt_keys(spec, prompt, blocks, salt=b"torture")
 
 
 def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, reads, parent: int) -> None:
@@ -81,21 +79,12 @@ def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, r
                     pool.publish(keys[:upto], blocks_for_keys(keys[:upto], spec))
                 else:
                     with pool.writer(keys[:upto]) as w:
-                        pos = w.positions
-                        data = blocks_for_keys([keys[int(p)] for p in pos], spec)
-                        for layer in range(spec.num_layers):
-                            w.write_layer(layer, np.ascontiguousarray(data[:, layer]))
+                        write_layer_by_layer(w, keys[:upto], spec)
             elif op < 0.80:
                 keys = _prompt_keys(spec, rng.randrange(prompts), blocks)
                 with pool.acquire(keys) as lease:
                     n = len(lease)
-                    if rng.random() < 0.5:
-                        views = lease.views()
-                        bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
-                        del views
-                    else:
-                        lease.copy_to(out[:n])
-                        bad = sum(not verify_block(out[j], keys[j]) for j in range(n))
+                    bad = count_wrong_blocks(lease, keys, None if rng.random() < 0.5 else out)
                 if bad:
                     wrong[slot] += bad
                 reads[slot] += n
@@ -209,8 +198,6 @@ def _check_round(pool: Pool, spec: KVSpec, prompts: int, blocks: int, rep: Tortu
     for prompt in range(prompts):
         keys = _prompt_keys(spec, prompt, blocks)
         with pool.acquire(keys) as lease:
-            views = lease.views()
-            bad = sum(not verify_block(v, k) for v, k in zip(views, keys))
-            del views
+            bad = count_wrong_blocks(lease, keys)
         if bad:
             rep.check_failures.append(f"round {rep.rounds}: {bad} cached blocks of prompt {prompt} hold wrong bytes")
