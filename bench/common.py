@@ -100,6 +100,17 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+def warm_pool_in_turn(side: Any, role: str, link: Any) -> None:
+    """Populate each process's page tables for the pool (what Pool.open(prefault=True) would do),
+    consumer first, then producer: each allocates every free block while it warms."""
+    if role == "consumer":
+        link.expect("warmed")
+    warm_pool_mapping(side.pool)
+    link.send(("warmed", role))
+    if role == "producer":
+        link.expect("warmed")
+
+
 def memcpy_times(nbytes: int, reps: int) -> list[float]:
     """``numpy.copyto`` of ``nbytes`` between two warm buffers, one thread, ``reps`` times (s)."""
     src = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)

@@ -96,14 +96,7 @@ def _side(role: str, link: common.Link, *, transport: str, plan: list[dict], tok
             side = common.make_side("pool", role, pool=item["pool"], spec=KVSpec(**item["spec"]))
             link.send(("meta", side.metadata()))
             side.connect(link.expect("meta"), timeout=60)
-            # map every page of the pool before timing (what Pool.open(prefault=True) would do),
-            # one process after the other: each allocates all free blocks while it warms
-            if role == "consumer":
-                link.expect("warmed")
-            common.warm_pool_mapping(side.pool)
-            link.send(("warmed", role))
-            if role == "producer":
-                link.expect("warmed")
+            common.warm_pool_in_turn(side, role, link)  # map every page before timing
         else:
             side = shared
         buf = payload(size) if role == "producer" else np.zeros(size, np.uint8)

@@ -77,13 +77,8 @@ def _side(role: str, link: common.Link, *, transport: str, pool: str | None, spe
     side = common.make_side(transport, role, **({"pool": pool, "spec": ks} if transport == "pool" else {}))
     link.send(("meta", side.metadata()))
     side.connect(link.expect("meta"), timeout=60)
-    if transport == "pool":  # populate this process's page tables (Pool.open(prefault=True))
-        if role == "consumer":
-            link.expect("warmed")
-        common.warm_pool_mapping(side.pool)
-        link.send(("warmed", role))
-        if role == "producer":
-            link.expect("warmed")
+    if transport == "pool":
+        common.warm_pool_in_turn(side, role, link)
     big = np.zeros(max(p["blocks"] for p in plan) * ks.block_bytes, np.uint8)
     big.fill(0)  # fault the pages in
     expect = np.zeros_like(big) if role == "consumer" and verify else None

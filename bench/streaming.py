@@ -64,13 +64,8 @@ def _side(role: str, link: common.Link, *, transport: str, pool: str | None, spe
     side = common.make_side(transport, role, **opts)
     link.send(("meta", side.metadata()))
     side.connect(link.expect("meta"), timeout=60)
-    if transport == "pool":  # populate this process's page tables (Pool.open(prefault=True))
-        if role == "consumer":
-            link.expect("warmed")
-        common.warm_pool_mapping(side.pool)
-        link.send(("warmed", role))
-        if role == "producer":
-            link.expect("warmed")
+    if transport == "pool":
+        common.warm_pool_in_turn(side, role, link)
     buf = payload(nbytes) if role == "producer" else np.zeros(nbytes, np.uint8)
     expect = payload(nbytes) if role == "consumer" else None
     out: dict[str, list] = {}

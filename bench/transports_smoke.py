@@ -24,6 +24,9 @@ import traceback
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 # name -> (registry name, options for both sides, environment for the children)
 VARIANTS = {
     "tcp": ("tcp", {}, {}),
@@ -139,18 +142,6 @@ def run_variant(variant: str, sizes: list[int], reps: int, warmup: int, budget: 
     return {"results": results, "error": error}
 
 
-def memcpy_times(size: int, reps: int) -> list[float]:
-    src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-    dst = np.zeros_like(src)
-    np.copyto(dst, src)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter_ns()
-        np.copyto(dst, src)
-        out.append((time.perf_counter_ns() - t0) / 1e9)
-    return out
-
-
 def _fmt(seconds: float, size: int) -> str:
     lat = f"{seconds * 1e6:.0f} us" if seconds < 1e-2 else f"{seconds * 1e3:.1f} ms"
     return f"{lat} ({size / seconds / 1e9:.2f} GB/s)"
@@ -169,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "reps": args.reps,
                     "python": sys.version.split()[0], "median_s": {}, "errors": {}}
 
-    rows = {"memcpy (1 thread, same process)": {s: statistics.median(memcpy_times(s, max(args.reps, 5)))
+    rows = {"memcpy (1 thread, same process)": {s: statistics.median(common.memcpy_times(s, max(args.reps, 5)))
                                                for s in sizes}}
     send_rows: dict[str, dict[int, float]] = {}
     for variant in args.transports.split(","):
