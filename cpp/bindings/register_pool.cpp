@@ -43,6 +43,17 @@ KeyBuf keys_of(const py::buffer& keys, py::buffer_info& info) {
   return {static_cast<const uint8_t*>(info.ptr), len / 16};
 }
 
+// Binds a Pool method taking (handles, count) so that it runs without the GIL.
+template <void (Pool::*Method)(const uint64_t*, size_t)>
+auto on_handles() {
+  return [](Pool& p, const Handles& h) {
+    const uint64_t* d = h.data();
+    size_t n = size_t(h.size());
+    py::gil_scoped_release rel;
+    (p.*Method)(d, n);
+  };
+}
+
 Handles to_array(const std::vector<uint64_t>& v, size_t n) {
   Handles a(static_cast<py::ssize_t>(n));
   if (n) std::memcpy(a.mutable_data(), v.data(), n * 8);
@@ -165,13 +176,7 @@ void register_pool(py::module_& m) {
              return to_array(out, n);
            },
            py::arg("n"), py::arg("evict") = true)
-      .def("free",
-           [](Pool& p, const Handles& h) {
-             const uint64_t* d = h.data();
-             size_t n = size_t(h.size());
-             py::gil_scoped_release rel;
-             p.free(d, n);
-           })
+      .def("free", on_handles<&Pool::free>())
       .def("block_buffer",
            [](Pool& p, uint64_t handle, bool writable, py::object anchor) {
              uint8_t* ptr = writable ? p.writable_block(handle) : const_cast<uint8_t*>(p.pinned_block(handle));
@@ -209,13 +214,7 @@ void register_pool(py::module_& m) {
              }
              return to_array(out, got);
            })
-      .def("release",
-           [](Pool& p, const Handles& h) {
-             const uint64_t* d = h.data();
-             size_t n = size_t(h.size());
-             py::gil_scoped_release rel;
-             p.release(d, n);
-           })
+      .def("release", on_handles<&Pool::release>())
       .def("copy_out",
            [](Pool& p, const Handles& h, uintptr_t dst, uint64_t stride) {
              if (stride < p.geometry().block_bytes) throw py::value_error("destination stride is smaller than a block");
@@ -239,20 +238,8 @@ void register_pool(py::module_& m) {
              if (m) std::memcpy(pa.mutable_data(), pos.data(), m * 8);
              return py::make_tuple(pa, to_array(hs, m));
            })
-      .def("commit",
-           [](Pool& p, const Handles& h) {
-             const uint64_t* d = h.data();
-             size_t n = size_t(h.size());
-             py::gil_scoped_release rel;
-             p.commit(d, n);
-           })
-      .def("abort",
-           [](Pool& p, const Handles& h) {
-             const uint64_t* d = h.data();
-             size_t n = size_t(h.size());
-             py::gil_scoped_release rel;
-             p.abort_writes(d, n);
-           })
+      .def("commit", on_handles<&Pool::commit>())
+      .def("abort", on_handles<&Pool::abort_writes>())
       .def("recover",
            [](Pool& p) {
              RecoveryReport r;

@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -431,8 +432,26 @@ RecoveryReport Pool::do_recover() {
   if (mine.empty()) return rep;
   uint64_t mask[2] = {0, 0};
   for (uint32_t s : mine) mask[s / 64] |= 1ull << (s % 64);
-  abort_channels_of(mask);  // first: consumers waiting on a dead producer get an error, not a hang
-  // One pass over the blocks for every member we recover.  Each step is
+  release_members(mask, rep);
+  for (uint32_t s : mine) {
+    MemberSlot* m = member(s);
+    retire_counters(s);
+    uint64_t c = m->ctl.load(std::memory_order_acquire);
+    if (word::member_status(c) == kMemberRecovering && word::member_payload(c) == me) {
+      // SYNC POINT: recovery-done.  Reclaimed blocks happen-before the slot is reusable.
+      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_release)) {
+        flush(&m->ctl, 8);
+        ++rep.members_recovered;
+        ctl()->retired[kCtrRecovered].fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
+  return rep;
+}
+
+void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
+  abort_channels_of(mask);  // first: consumers waiting on a gone producer get an error, not a hang
+  // One pass over the blocks for every member in `mask`.  Each step is
   // idempotent, so a recoverer that dies here leaves work the next one redoes.
   for (uint64_t i = 0; i < nblocks_; ++i) {
     Atomic64& sw = state(i);
@@ -457,23 +476,14 @@ RecoveryReport Pool::do_recover() {
       rep.pins_dropped += uint64_t(__builtin_popcountll(had & mask[w]));
     }
   }
-  for (uint32_t s : mine) {
-    MemberSlot* m = member(s);
-    for (uint32_t c = 0; c < kCounterCount; ++c) {
-      uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
-      if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
-    }
-    uint64_t c = m->ctl.load(std::memory_order_acquire);
-    if (word::member_status(c) == kMemberRecovering && word::member_payload(c) == me) {
-      // SYNC POINT: recovery-done.  Reclaimed blocks happen-before the slot is reusable.
-      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_release)) {
-        flush(&m->ctl, 8);
-        ++rep.members_recovered;
-        ctl()->retired[kCtrRecovered].fetch_add(1, std::memory_order_relaxed);
-      }
-    }
+}
+
+void Pool::retire_counters(uint32_t s) {
+  MemberSlot* m = member(s);
+  for (uint32_t c = 0; c < kCounterCount; ++c) {
+    uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
+    if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
   }
-  return rep;
 }
 
 void Pool::close() {
@@ -486,34 +496,17 @@ void Pool::close() {
     map_.unmap();
     return;
   }
+  // Leaving is what recovery does for a dead member, done by the member itself.
+  uint64_t mine[2] = {0, 0};
+  mine[slot_ / 64] = 1ull << (slot_ % 64);
+  RecoveryReport ignored;
+  release_members(mine, ignored);
   {
     std::lock_guard<std::mutex> lk(pin_mu_);
-    const uint64_t bit = 1ull << (slot_ % 64);
-    for (uint64_t i = 0; i < nblocks_; ++i) {
-      if (pin_count_[i]) {
-        desc(i).pin_mask[slot_ / 64].fetch_and(~bit, std::memory_order_release);
-        pin_count_[i] = 0;
-      }
-    }
+    std::fill(pin_count_.begin(), pin_count_.end(), 0u);
   }
-  {
-    uint64_t mine[2] = {0, 0};
-    mine[slot_ / 64] = 1ull << (slot_ % 64);
-    abort_channels_of(mine);
-  }
-  for (uint64_t i = 0; i < nblocks_; ++i) {
-    uint64_t s = state(i).load(std::memory_order_acquire);
-    if ((word::kind(s) == kWriting || word::kind(s) == kEvicting) && word::owner(s) == slot_) {
-      remove_entry(i, word::gen(s));
-      if (state(i).cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_release))
-        ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
-    }
-  }
+  retire_counters(slot_);
   MemberSlot* m = member(slot_);
-  for (uint32_t c = 0; c < kCounterCount; ++c) {
-    uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
-    if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
-  }
   uint64_t c = word::member(kMemberAlive, epoch_, pid_);
   m->ctl.cas(c, word::member(kMemberFree, epoch_, 0), std::memory_order_release);
   flush(&m->ctl, 8);

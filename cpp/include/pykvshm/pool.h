@@ -170,7 +170,11 @@ class Pool {
   void ensure_open() const;      // open and not forked (read-only operations)
   bool still_member() const;     // our slot is still ALIVE with our epoch and pid
   bool member_dead(uint32_t slot, uint64_t ctl) const;
-  bool reclaim_member(uint32_t slot, RecoveryReport& rep);
+  // What leaving takes back from the members in `mask` (dead ones in recovery, this one in
+  // close): their open transfers are aborted, their blocks being written or evicted freed,
+  // their pins dropped.
+  void release_members(const uint64_t mask[2], RecoveryReport& rep);
+  void retire_counters(uint32_t slot);  // fold a member's counters into the retired totals
   uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
   uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
   bool try_claim(uint64_t index, uint64_t* handle_out);
