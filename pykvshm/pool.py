@@ -138,6 +138,48 @@ class Pool:
         )
         return cls(core, str(name))
 
+    @classmethod
+    def open_or_create(
+        cls,
+        name: str,
+        spec: KVSpec,
+        capacity: int | str = "512MiB",
+        *,
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> "Pool":
+        """Attach to the pool ``name`` if it exists, else create it; safe when many processes race.
+
+        Every racer ends up attached to the same pool: one creates it, the others
+        wait (up to ``timeout`` seconds) while the creator initialises it.  An
+        existing pool of another geometry raises ``GeometryMismatchError``.
+        ``options`` are :meth:`create`'s keyword arguments (``prefault``,
+        ``huge_pages``, ``numa_node``, ``coherence``, ...); the ones :meth:`open`
+        also takes apply when attaching.
+        """
+        import time
+
+        from .errors import CorruptPoolError, PoolExistsError, PoolInitializingError, PoolNotFoundError
+
+        open_opts = {k: v for k, v in options.items() if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease")}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return cls.open(name, spec, **open_opts)
+            except PoolNotFoundError:
+                try:
+                    return cls.create(name, spec, capacity, **options)
+                except PoolExistsError:
+                    pass  # another process won the race; attach to its pool
+            except (PoolInitializingError, CorruptPoolError) as e:
+                # A creator's file is empty or short until it has been sized and
+                # initialised: retry while it is young, otherwise the file is damaged.
+                if not _recently_created(cls.path_for(name)) or time.monotonic() > deadline:
+                    raise e
+            if time.monotonic() > deadline:
+                raise PoolInitializingError(f"pool '{name}' did not become ready within {timeout} s")
+            time.sleep(0.02)
+
     @staticmethod
     def destroy(name: str) -> None:
         """Remove a pool's backing store.  Processes that have it mapped keep their mapping."""
@@ -556,3 +598,14 @@ class Writer:
 
     def __repr__(self) -> str:
         return f"<pykvshm.Writer {len(self)} blocks{' done' if self._done else ''}>"
+
+
+def _recently_created(path: str, within: float = 10.0) -> bool:
+    """True when ``path`` changed in the last ``within`` seconds (a creator is still at work)."""
+    import time
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True  # gone again: the creator failed and removed it, or it is being replaced
+    return time.time() - max(st.st_mtime, st.st_ctime) < within

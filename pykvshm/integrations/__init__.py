@@ -1,0 +1,1 @@
+"""Integrations of pykvshm with serving engines.  Each submodule imports its engine lazily."""
