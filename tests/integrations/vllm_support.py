@@ -127,6 +127,7 @@ def run_engine(
 
     Each batch: {"prompts": [[token ids], ...], "max_tokens": int,
                  "reset_prefix_cache": bool (before the batch; drops the engine's own cache),
+                 "reset_connector": bool (before the batch; also empties the connector's cache),
                  "call": "module:function" (called with no arguments before the batch, inside
                  the engine process; e.g. to empty a pool)}.
     Returns {"engine_start_s", "batches": [{"s", "tokens", "num_cached_tokens"}], "log_tail"}.
@@ -181,8 +182,10 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t0, 2), "batches": []}
     try:
         for batch in job["batches"]:
-            if batch.get("reset_prefix_cache"):
-                llm.reset_prefix_cache()
+            if batch.get("reset_prefix_cache") or batch.get("reset_connector"):
+                # reset_connector=True also empties the connector's cache (for pykvshm: the shared pool).
+                if not llm.reset_prefix_cache(reset_connector=bool(batch.get("reset_connector"))):
+                    raise RuntimeError("reset_prefix_cache failed")
             if batch.get("call"):
                 mod, _, fn = batch["call"].partition(":")
                 getattr(importlib.import_module(mod), fn)()

@@ -8,7 +8,6 @@ KV cache tensors of the CPU backend's shape, so loads and saves move real bytes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,17 +115,19 @@ class Worker:
         return torch.stack([t[block_id] for t in self.kv.values()])
 
 
-def model_output(sched_out: Any, invalid_block_ids: set[int] | None = None, token: int = 7) -> Any:
-    """A ModelRunnerOutput sampling `token` for every scheduled request."""
+def model_output(sched_out: Any, sched: Any, invalid_block_ids: set[int] | None = None, token: int = 7) -> Any:
+    """A ModelRunnerOutput sampling `token` for every request whose prompt this step completes
+    (a partial prefill samples nothing, as the model runner discards it)."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
-    req_ids = [r.req_id for r in sched_out.scheduled_new_reqs] + list(sched_out.scheduled_cached_reqs.req_ids)
+    cached = sched_out.scheduled_cached_reqs
+    start = {r.req_id: r.num_computed_tokens for r in sched_out.scheduled_new_reqs}
+    start.update(zip(cached.req_ids, cached.num_computed_tokens))
+    req_ids = list(start)
+    sampled = [[token] if start[r] + sched_out.num_scheduled_tokens[r] >= sched.requests[r].num_prompt_tokens else []
+               for r in req_ids]
     return ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-        sampled_token_ids=[[token] for _ in req_ids], logprobs=None, prompt_logprobs_dict={}, pooler_output=[],
+        sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={}, pooler_output=[],
         kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid_block_ids or ())),
     )
-
-
-def unique_pool(tag: str) -> str:
-    return f"pykvshm-vllmtest-{tag}-{os.getpid()}"
