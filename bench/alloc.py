@@ -12,53 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import subprocess
 import sys
-import time
-import uuid
 
-import numpy as np
-
-import pykvshm
+# the Python measurement is shared with the packaged suite (pykvshm bench)
+from pykvshm.benchmarks.alloc import python_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CTX = mp.get_context("fork")
-
-
-def _py_worker(name: str, seconds: float, batch: int, barrier, out, i: int) -> None:
-    pool = pykvshm.Pool.open(name)
-    barrier.wait()
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(100):
-            pool.free(pool.alloc(batch, evict=False))
-        n += 100 * batch
-    out[i] = 2 * n / (time.perf_counter() - t0)  # alloc + free = 2 block ops per block
-    pool.close()
-
-
-def python_figures(seconds: float) -> list[dict[str, float]]:
-    spec = pykvshm.KVSpec(1, 1, 16, 16, "float16")
-    rows = []
-    for procs in (1, 2):
-        for batch in (1, 64):
-            name = f"pykvshm-bench-alloc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            with pykvshm.Pool.create(name, spec=spec, capacity="16MiB"):
-                out = CTX.RawArray("d", procs)
-                barrier = CTX.Barrier(procs)
-                ps = [CTX.Process(target=_py_worker, args=(name, seconds, batch, barrier, out, i)) for i in range(procs)]
-                for p in ps:
-                    p.start()
-                for p in ps:
-                    p.join()
-            pykvshm.Pool.destroy(name)
-            rows.append({"procs": procs, "batch": batch, "block_ops_per_s": float(sum(out)),
-                         "per_process": float(np.mean(out))})
-    return rows
 
 
 def cpp_figures(seconds: float) -> str:

@@ -29,158 +29,31 @@ import argparse
 import os
 import sys
 import time
-import uuid
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SALT = b"pykvshm-bench-prefix-reuse"
+# the workload and its measurement are shared with the packaged suite (pykvshm bench)
+from pykvshm.benchmarks.prefix_reuse import Workload  # noqa: E402
+from pykvshm.benchmarks.prefix_reuse import make_plan as _make_plan  # noqa: E402
+from pykvshm.benchmarks.prefix_reuse import run_transport as _run_transport  # noqa: E402
+
+def workload(args) -> Workload:
+    return Workload(requests=args.requests, prompts=args.prompts, prefix_tokens=args.prefix_tokens,
+                    suffix_tokens=args.suffix_tokens, layers=args.layers, kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, block_tokens=args.block_tokens, seed=args.seed, verify=not args.no_verify)
 
 
 def make_plan(args) -> list[dict]:
-    """The requests: prompt index, suffix token count and seeds, deterministic."""
-    rng = np.random.default_rng(args.seed)
-    lo, hi = (int(x) for x in args.suffix_tokens.split(","))
-    bt = args.block_tokens
-    plan = []
-    for i in range(args.requests):
-        suffix = int(rng.integers(lo // bt, hi // bt + 1)) * bt
-        plan.append({"index": i, "prompt": i % args.prompts, "suffix_tokens": suffix,
-                     "blocks": (args.prefix_tokens + suffix) // bt})
-    return plan
-
-
-def request_tokens(item: dict, prefix_tokens: int, seed: int) -> np.ndarray:
-    prompt = np.random.default_rng([seed, 1, item["prompt"]]).integers(0, 128_000, prefix_tokens, dtype=np.int64)
-    suffix = np.random.default_rng([seed, 2, item["index"]]).integers(0, 128_000, item["suffix_tokens"], dtype=np.int64)
-    return np.concatenate([prompt, suffix])
-
-
-def fill_request(buf: np.ndarray, keys, layers: int) -> None:
-    """Layer-major request buffer; block j's bytes are a function of keys[j] only."""
-    n = len(keys)
-    words = buf.view(np.uint64).reshape(layers, n, -1)
-    seeds = np.array([int.from_bytes(bytes(k)[:8], "little") for k in keys], dtype=np.uint64)
-    base = np.arange(layers * words.shape[2], dtype=np.uint64).reshape(layers, 1, -1)
-    np.add(base, seeds.reshape(1, n, 1), out=words)
-
-
-def _side(role: str, link: common.Link, *, transport: str, pool: str | None, spec: dict, plan: list[dict],
-          prefix_tokens: int, seed: int, token: str, verify: bool) -> list[dict]:
-    import pykvshm
-    from pykvshm import KVSpec
-
-    ks = KVSpec(**spec)
-    layers, bt = ks.num_layers, ks.block_tokens
-    side = common.make_side(transport, role, **({"pool": pool, "spec": ks} if transport == "pool" else {}))
-    link.send(("meta", side.metadata()))
-    side.connect(link.expect("meta"), timeout=60)
-    if transport == "pool":
-        common.warm_pool_in_turn(side, role, link)
-    big = np.zeros(max(p["blocks"] for p in plan) * ks.block_bytes, np.uint8)
-    big.fill(0)  # fault the pages in
-    expect = np.zeros_like(big) if role == "consumer" and verify else None
-    rows = []
-    for item in plan:
-        rid = f"prefix-{token}-{item['index']}"
-        keys = pykvshm.block_keys(request_tokens(item, prefix_tokens, seed), bt, salt=SALT)
-        n = len(keys)
-        assert n == item["blocks"]
-        buf = big[: n * ks.block_bytes]
-        if role == "consumer":
-            if verify:
-                buf.fill(0)
-            side.register(rid, buf, layers)
-            link.send(("ready", item["index"]))
-            side.wait(rid, timeout=300)
-            t1 = common.now()
-            if verify:
-                want = expect[: buf.nbytes]
-                fill_request(want, keys, layers)
-                if not np.array_equal(buf, want):
-                    raise AssertionError(f"{transport}: request {item['index']} arrived corrupt")
-            side.release(rid)
-            rows.append({"t1": t1})
-            link.progress()
-        else:
-            fill_request(buf, keys, layers)
-            if transport == "pool":
-                side.register(rid, buf, layers, keys=keys)
-            else:
-                side.register(rid, buf, layers)
-            if link.expect("ready") != item["index"]:
-                raise RuntimeError("producer and consumer disagree on the request")
-            cached = side.pool.match(keys) if transport == "pool" else 0
-            before = side.pool.stats()["bytes_in"] if transport == "pool" else 0
-            tp = common.now()
-            side.prepare(rid, timeout=60)  # pool: pins the cached prefix, allocates the rest
-            t0 = common.now()
-            side.send(rid, timeout=300)
-            t2 = common.now()
-            side.release(rid)
-            # the pool's bytes_in counter also counts the cached blocks put_layer skips (reported
-            # as found), so bytes moved = the blocks that were not cached
-            counter = side.pool.stats()["bytes_in"] - before if transport == "pool" else None
-            rows.append({"tp": tp, "t0": t0, "t2": t2, "blocks": n, "cached": cached,
-                         "bytes_sent": (n - cached) * ks.block_bytes, "bytes_in_counter": counter})
-    common.close_after_peer(side, role, link)
-    return rows
+    return _make_plan(workload(args))
 
 
 def run_transport(name: str, args, spec: dict, plan: list[dict]) -> dict:
-    from pykvshm import KVSpec, Pool
-
-    ks = KVSpec(**spec)
-    pname, pool = None, None
-    if name == "pool":
-        unique = args.prompts * (args.prefix_tokens // args.block_tokens) + sum(
-            p["suffix_tokens"] // args.block_tokens for p in plan)
-        pname = common.unique_pool_name("prefix")
-        pool = Pool.create(pname, spec=ks, capacity=common.pool_capacity(ks, max(p["blocks"] for p in plan),
-                                                                       at_least=unique + 16), prefault=True)
     bar = common.progress_bar(len(plan), f"prefix reuse {name}", enabled=not args.no_progress)
     try:
-        res = common.run_pair(_side, {"transport": name, "pool": pname, "spec": spec, "plan": plan,
-                                      "prefix_tokens": args.prefix_tokens, "seed": args.seed,
-                                      "token": uuid.uuid4().hex[:8], "verify": not args.no_verify},
-                              env=common.TRANSPORT_OPTIONS[name][1], budget=args.budget, progress=bar.update)
-        stats = pool.stats() if pool is not None else None
+        return _run_transport(name, workload(args), plan, budget=args.budget, progress=bar.update)
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
-            Pool.destroy(pname)
-    out: dict = {"error": res["error"], "requests": [], "pool_stats": stats}
-    prod, cons = res["producer"] or [], res["consumer"] or []
-    for item, p, c in zip(plan, prod, cons):
-        out["requests"].append({
-            "index": item["index"], "prompt": item["prompt"], "blocks": p["blocks"], "cached_blocks": p["cached"],
-            "bytes_moved": p["bytes_sent"], "pool_bytes_in_counter": p["bytes_in_counter"],
-            "bytes_to_decode_buffer": p["blocks"] * ks.block_bytes,
-            "handoff_s": (c["t1"] - p["t0"]) / 1e9, "send_return_s": (p["t2"] - p["t0"]) / 1e9,
-            "prepare_s": (p["t0"] - p["tp"]) / 1e9,
-        })
-    reqs = out["requests"]
-    firsts = [r for r in reqs if r["index"] < args.prompts]
-    repeats = [r for r in reqs if r["index"] >= args.prompts]
-    out["summary"] = {
-        "requests": len(reqs),
-        "bytes_moved": sum(r["bytes_moved"] for r in reqs),
-        "bytes_requested": sum(r["bytes_to_decode_buffer"] for r in reqs),
-        "cached_blocks": sum(r["cached_blocks"] for r in reqs),
-        "blocks": sum(r["blocks"] for r in reqs),
-        "handoff_s": common.summary(r["handoff_s"] for r in reqs),
-        "handoff_first_of_prompt_s": common.summary(r["handoff_s"] for r in firsts),
-        "handoff_repeat_s": common.summary(r["handoff_s"] for r in repeats),
-        "handoff_total_s": sum(r["handoff_s"] for r in reqs),
-        "prepare_s": common.summary(r["prepare_s"] for r in reqs),
-        "send_return_first_of_prompt_s": common.summary(r["send_return_s"] for r in firsts),
-        "send_return_repeat_s": common.summary(r["send_return_s"] for r in repeats),
-        "bytes_moved_per_request_median": float(np.median([r["bytes_moved"] for r in reqs])) if reqs else None,
-    }
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,25 @@
-"""The ``pykvshm`` command: create, inspect, recover and remove pools; run the demo.
+"""The ``pykvshm`` command: create, inspect, recover and remove pools; run the benchmarks and the demo.
 
-Human output by default, ``--json`` for scripts.  Errors are one line on stderr and a
-non-zero exit status, never a traceback.
+Human output by default, ``--json`` for scripts.  Errors are one line on stderr,
+``pykvshm <command>: error: <message>``, and exit status 1 (2 for usage errors, as argparse
+reports them); never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import json
+import os
+import signal
+import stat as _stat
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from . import __version__
-from .errors import PoolError
+from .errors import CorruptPoolError, PoolError
 from .pool import Pool
 from .spec import KVSpec, parse_size
 
@@ -84,9 +89,20 @@ def _human_stat(s: dict[str, Any]) -> str:
     )
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"--mode must be octal permission bits such as 600 or 660, got {text!r}")
+    return mode
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     spec = KVSpec(args.layers, args.kv_heads, args.head_dim, args.block_tokens, args.dtype)
-    with Pool.create(args.name, spec=spec, capacity=parse_size(args.capacity), mode=int(args.mode, 8),
+    capacity, mode = parse_size(args.capacity), _octal_mode(args.mode)
+    with Pool.create(args.name, spec=spec, capacity=capacity, mode=mode,
                      prefault=args.prefault, huge_pages=args.huge_pages, numa_node=args.numa_node,
                      coherence=args.coherence, checksums=args.checksums) as pool:
         _out(args, _info_dict(pool), _human_info)
@@ -100,6 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
+    if not args.interval > 0:
+        raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
     with Pool.open(args.name) as pool:
         if not args.watch:
             _out(args, pool.stats(), _human_stat)
@@ -136,10 +154,94 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAGIC = b"PYKVSHM\0"
+
+
+def _refuse_foreign_file(name: str) -> None:
+    """Raise unless ``name`` holds a pykvshm pool, or an unfinished one (empty, or zeroed at the start).
+
+    ``Pool.destroy`` removes whatever file the name points at; from the command line a mistyped
+    path must not cost the user a file that was never a pool.
+    """
+    path = Pool.path_for(name)  # InvalidNameError for a bad name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # Pool.destroy reports it as PoolNotFoundError
+    except OSError:
+        return  # e.g. unreadable, a symlink: Pool.destroy gives the precise reason
+    try:
+        st = os.fstat(fd)
+        if _stat.S_ISCHR(st.st_mode):
+            import mmap
+
+            try:  # device DAX has no read(2); map its first 2 MiB (its alignment)
+                with mmap.mmap(fd, 2 << 20, prot=mmap.PROT_READ) as m:
+                    head = m[: len(_MAGIC)]
+            except (OSError, ValueError):
+                return
+        else:
+            head = os.pread(fd, len(_MAGIC), 0)
+    finally:
+        os.close(fd)
+    if head == _MAGIC or not head.strip(b"\0"):
+        return
+    raise CorruptPoolError(f"{path} is not a pykvshm pool (no pykvshm magic at its start); not removing it "
+                           f"(--force removes it anyway)")
+
+
 def cmd_destroy(args: argparse.Namespace) -> int:
+    if not args.force:
+        _refuse_foreign_file(args.name)
     Pool.destroy(args.name)
     _out(args, {"destroyed": args.name}, lambda d: f"destroyed {d['destroyed']}")
     return 0
+
+
+def _benchmark_names(text: str) -> list[str]:
+    from .benchmarks import BENCHMARKS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(map(repr, unknown)) or repr(text)}; "
+                                         f"known: {', '.join(BENCHMARKS)}")
+    return list(dict.fromkeys(names))
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    # SIGTERM unwinds like ^C does, so that the suite's clean-up runs (scratch pools, children)
+    raise SystemExit(128 + signum)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmarks
+
+    if args.list:
+        items = benchmarks.listing()
+        _out(args, items, lambda d: "\n".join(f"{b['name']:16s} {b['title']} (full version: {b['full_script']})"
+                                               for b in d))
+        return 0
+    names = args.only or list(benchmarks.BENCHMARKS)
+    if args.out:  # fail now, not after minutes of measuring
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "folder is not writable", folder)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        report = benchmarks.run(names, quick=args.quick, progress=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True, default=float)
+            f.write("\n")
+    _out(args, report, benchmarks.render)
+    for name, error in report["errors"].items():
+        print(f"pykvshm bench: error: {name}: {error}", file=sys.stderr)
+    return EXIT_ERROR if report["errors"] else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -187,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
     p = add("destroy", cmd_destroy, "remove a pool")
     p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="remove the file even if it does not look like a pykvshm pool")
+    p = add("bench", cmd_bench, "run the benchmark suite: pykvshm beside baselines measured in the same run")
+    p.add_argument("--quick", action="store_true", help="a few seconds per benchmark")
+    p.add_argument("--only", type=_benchmark_names, metavar="NAME[,NAME]",
+                   help="run only these benchmarks (see --list)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     p = add("demo", cmd_demo, "prefill -> pool -> decode on a real transformer's KV cache, beside baselines")
     p.add_argument("--requests", type=int, default=24, help="number of requests in the workload")
     p.add_argument("--prompt-tokens", type=int, default=384, help="mean prompt length")
@@ -208,19 +317,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    if isinstance(e, PoolError):
+        return f"{type(e).__name__}: {text}"
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args))
-    except PoolError as e:
-        print(f"pykvshm {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (ValueError, TypeError, OSError) as e:
-        print(f"pykvshm {args.command}: {e}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`pykvshm stat --watch | head`): leave quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except (PoolError, ValueError, TypeError, OSError) as e:
+        message = _one_line(e)
+    except Exception as e:  # noqa: BLE001 - a bug still gets one line, with its type to search for
+        message = f"unexpected {type(e).__name__}: {' '.join(str(e).split())}"
+    print(f"pykvshm {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":
