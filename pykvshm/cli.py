@@ -245,9 +245,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .vllm_demo.command import run
 
-    return demo_main(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,24 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these benchmarks (see --list)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
-    p = add("demo", cmd_demo, "prefill -> pool -> decode on a real transformer's KV cache, beside baselines")
-    p.add_argument("--requests", type=int, default=24, help="number of requests in the workload")
-    p.add_argument("--prompt-tokens", type=int, default=384, help="mean prompt length")
-    p.add_argument("--shared-prefix", type=int, default=256, help="tokens of the shared system prompt")
-    p.add_argument("--shared-fraction", type=float, default=0.5, help="fraction of requests that share it")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--block-tokens", type=int, default=16)
-    p.add_argument("--rate", type=float, default=8.0, help="mean request arrival rate (Poisson), per second")
-    p.add_argument("--prefill-instances", type=int, default=2,
-                   help="prefill engines (round robin); the pool is one prefix cache for all of them")
-    p.add_argument("--baselines", default="tcp,nixl,recompute", help="comma-separated: tcp, nixl, mooncake, recompute")
-    p.add_argument("--pool", default="pykvshm-demo", help="shm name of the pool (created, destroyed after)")
-    p.add_argument("--out", default="pykvshm-demo", help="folder for the report (JSON) and plot (PNG)")
-    p.add_argument("--seed", type=int, default=0)
+    p = add("demo", cmd_demo, "disaggregated prefill -> pool -> decode on real vLLM engines, beside baselines")
+    from .vllm_demo.command import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
     return ap
 
 

@@ -612,7 +612,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"pykvshm demo needs torch and transformers: pip install torch==2.13.0 'pykvshm[demo]' ({e})",
               file=sys.stderr)
         return 1
-    args.capacity = getattr(args, "capacity", "256MiB")
+    args.capacity = getattr(args, "capacity", None) or "256MiB"
     transports = ["pool"] + [t.strip() for t in args.baselines.split(",") if t.strip() and t.strip() != "pool"]
     os.makedirs(args.out, exist_ok=True)
     reqs = make_workload(args)

@@ -19,7 +19,7 @@ def test_demo_reduced(tmp_path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "pykvshm.cli", "demo", "--requests", "6", "--prompt-tokens", "160",
            "--shared-prefix", "96", "--shared-fraction", "0.7", "--new-tokens", "6", "--layers", "2",
-           "--hidden", "128", "--rate", "20", "--baselines", "tcp,recompute", "--pool", unique_name("demo"),
+           "--hidden", "128", "--rate", "20", "--baselines", "tcp,recompute", "--engine", "transformers", "--pool", unique_name("demo"),
            "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

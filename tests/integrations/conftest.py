@@ -21,7 +21,11 @@ def vllm_python() -> str:
     """The vLLM environment's interpreter (scripts/setup_vllm_env.sh); skips the test without it."""
     exe = vllm_support.vllm_python()
     if exe is None:
-        pytest.skip("no vLLM environment (run scripts/setup_vllm_env.sh or set PYKVSHM_VLLM_PYTHON)")
+        from pykvshm.integrations.vllm_env import missing_hint
+
+        if os.environ.get("PYKVSHM_REQUIRE_VLLM") == "1":
+            pytest.fail(f"PYKVSHM_REQUIRE_VLLM=1 but {missing_hint()}", pytrace=False)
+        pytest.skip(missing_hint())
     return exe
 
 

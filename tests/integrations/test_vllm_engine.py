@@ -2,7 +2,7 @@
 
 A producer engine prefills prompts (max_tokens=1) and saves their full blocks; a consumer
 engine in another process loads them and generates. Each engine is its own process
-(about 45 s here), so the whole story is told in three engine runs.
+(about 45 s here), so the whole story is told in two engine runs.
 """
 
 from __future__ import annotations
@@ -61,39 +61,30 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     assert prod["batches"][0]["num_cached_tokens"] == [0, 0, 0]
 
     # 2. Decode engine in another process.
-    cons_stats = tmp_path / "consumer.jsonl"
+    cons_stats, fault = tmp_path / "consumer.jsonl", tmp_path / "fault"
     cons = V.run_engine(tiny_llama, [
         {"prompts": prompts, "max_tokens": 16},
         # A prompt this engine has never seen sharing two blocks with prompts[0]; its own prefix
         # cache is dropped first, so a hit can only come from the pool.
         {"prompts": [shared], "max_tokens": 16, "reset_prefix_cache": True},
+        # Every pool block is evicted between the scheduler's lookup and the worker's load (the
+        # fault hook): vLLM's load-failure path must recompute them.
+        {"prompts": prompts, "max_tokens": 16, "reset_prefix_cache": True,
+         "write_file": [str(fault), "evict-before-load"]},
         # Negative control: pool emptied (reset_connector=True) -> everything is recomputed.
-        {"prompts": prompts, "max_tokens": 16, "reset_connector": True},
-    ], _kvt("kv_consumer", pool_name, str(cons_stats)))
-    b_hit, b_shared, b_empty = cons["batches"]
+        {"prompts": prompts, "max_tokens": 16, "reset_connector": True, "write_file": [str(fault), ""]},
+    ], _kvt("kv_consumer", pool_name, str(cons_stats)), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)})
+    b_hit, b_shared, b_evicted, b_empty = cons["batches"]
     assert b_hit["num_cached_tokens"] == full
     assert b_hit["tokens"] == reference[:3]
     assert b_shared["num_cached_tokens"] == [2 * BS]
     assert b_shared["tokens"] == reference[3:]
+    assert b_evicted["tokens"] == reference[:3]
     assert b_empty["num_cached_tokens"] == [0, 0, 0]
     assert b_empty["tokens"] == reference[:3]  # the single-engine computation agrees too
-    loads = [s for s in _stats(cons_stats) if s["load_reqs"]]
-    assert sum(s["load_blocks"] for s in loads) == sum(full) // BS + 2
-    assert all(s["load_failed"] == 0 and s["save_blocks"] == 0 for s in loads)
+    stats = _stats(cons_stats)
+    assert sum(s["load_blocks"] for s in stats) == sum(full) // BS + 2  # batches 1 and 2
+    assert sum(s["load_failed"] for s in stats) == sum(full) // BS  # batch 3: all of them
+    assert all(s["save_blocks"] == 0 for s in stats)
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == 0 and pool.stats()["pinned"] == 0  # the consumer never saves
-
-
-def test_blocks_evicted_between_lookup_and_load_are_recomputed_by_vllm(vllm_python, tiny_llama, pool_name, tmp_path):
-    prompts, _ = _prompts()
-    reference = V.hf_generate(tiny_llama, prompts, max_new_tokens=16)
-    V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 1}],
-                 _kvt("kv_producer", pool_name, str(tmp_path / "p.jsonl")))
-    stats = tmp_path / "c.jsonl"
-    # The fault hook evicts every pool block after the scheduler's lookup, before the worker's load.
-    cons = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}],
-                        _kvt("kv_consumer", pool_name, str(stats)),
-                        env={"PYKVSHM_VLLM_FAULT": "evict-before-load"})
-    assert cons["batches"][0]["tokens"] == reference
-    failed = sum(s["load_failed"] for s in _stats(stats))
-    assert failed == sum((len(p) - 1) // BS for p in prompts), _stats(stats)

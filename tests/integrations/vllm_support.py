@@ -3,7 +3,7 @@
 vLLM lives in its own virtual environment (scripts/setup_vllm_env.sh), not in the one that runs
 pytest, so this file has two faces:
 
-* imported by tests (standard library only): `vllm_python()` finds that environment,
+* imported by tests (standard library and pykvshm only): `vllm_python()` finds that environment,
   `write_tiny_llama()`, `hf_generate()` and `run_engine()` run work in it as subprocesses;
 * run as a script with the vLLM environment's Python: `write-model`, `hf-generate` and `engine`
   sub-commands, each reading a JSON job and writing a JSON result.
@@ -15,7 +15,6 @@ Worker children survive an abrupt exit of the parent and each holds its KV cache
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -26,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The environment scripts/setup_vllm_env.sh creates; PYKVSHM_VLLM_PYTHON overrides.
-DEFAULT_VLLM_VENV = "/work/venv-vllm"
 # CPU attention needs a block size that is a multiple of 32.
 BLOCK_SIZE = 32
 # Seeded random Llama. initializer_range=0.2 makes greedy decoding vary from token to token
@@ -52,16 +49,11 @@ ENGINE_ENV = {
 # --------------------------------------------------------------------------- test side
 
 
-@functools.cache
 def vllm_python() -> str | None:
-    """The vLLM environment's interpreter if it exists and `from vllm import LLM` works there."""
-    exe = os.environ.get("PYKVSHM_VLLM_PYTHON") or os.path.join(DEFAULT_VLLM_VENV, "bin", "python")
-    if not os.access(exe, os.X_OK):
-        return None
-    probe = subprocess.run(
-        [exe, "-c", "from vllm import LLM"], capture_output=True, text=True, timeout=300
-    )
-    return exe if probe.returncode == 0 else None
+    """The vLLM environment's interpreter (pykvshm.integrations.vllm_env), or None."""
+    from pykvshm.integrations.vllm_env import vllm_python as find
+
+    return find()
 
 
 def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -128,6 +120,7 @@ def run_engine(
     Each batch: {"prompts": [[token ids], ...], "max_tokens": int,
                  "reset_prefix_cache": bool (before the batch; drops the engine's own cache),
                  "reset_connector": bool (before the batch; also empties the connector's cache),
+                 "write_file": [path, text] (before the batch; e.g. to switch a fault on or off),
                  "call": "module:function" (called with no arguments before the batch, inside
                  the engine process; e.g. to empty a pool)}.
     Returns {"engine_start_s", "batches": [{"s", "tokens", "num_cached_tokens"}], "log_tail"}.
@@ -186,6 +179,9 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
                 # reset_connector=True also empties the connector's cache (for pykvshm: the shared pool).
                 if not llm.reset_prefix_cache(reset_connector=bool(batch.get("reset_connector"))):
                     raise RuntimeError("reset_prefix_cache failed")
+            if batch.get("write_file"):
+                path, text = batch["write_file"]
+                Path(path).write_text(text)
             if batch.get("call"):
                 mod, _, fn = batch["call"].partition(":")
                 getattr(importlib.import_module(mod), fn)()

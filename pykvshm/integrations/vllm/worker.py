@@ -26,9 +26,21 @@ from ...errors import GeometryMismatchError, PoolFullError
 from .config import ConnectorConfig
 from .metadata import BlockTransfer, PykvshmMetadata
 
-# Fault injection for tests: evict every unpinned block between the scheduler's match and
-# the worker's load, as a concurrent engine's saves could.
-FAULT_ENV = "PYKVSHM_VLLM_FAULT"
+# Fault injection for tests: while the file named by this variable exists and says
+# "evict-before-load", every pool block is evicted between the scheduler's match and the
+# worker's load, as a concurrent engine's saves could do.
+FAULT_FILE_ENV = "PYKVSHM_VLLM_FAULT_FILE"
+
+
+def _fault(name: str) -> bool:
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path:
+        return False
+    try:
+        with open(path) as f:
+            return f.read().strip() == name
+    except OSError:
+        return False
 
 
 def evict_all(pool: Any) -> bool:
@@ -108,7 +120,7 @@ class WorkerSide:
     # ---- loads ----
     def start_load_kv(self, meta: PykvshmMetadata) -> None:
         t0 = time.perf_counter()
-        if meta.loads and os.environ.get(FAULT_ENV) == "evict-before-load":
+        if meta.loads and _fault("evict-before-load"):
             evict_all(self.pool)
         for tr in meta.loads:
             got = self._load_one(tr)

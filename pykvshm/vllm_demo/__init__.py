@@ -1,0 +1,1 @@
+"""`pykvshm demo` on real vLLM engines: a driver here, engines in the vLLM environment."""

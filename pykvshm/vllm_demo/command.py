@@ -1,0 +1,71 @@
+"""The `pykvshm demo` command line: picks the engine (real vLLM, or the transformers fallback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="vllm: real vLLM engines with the connector (needs scripts/setup_vllm_env.sh); "
+                        "transformers: prefill/decode workers on transformers with pykvshm's transports; "
+                        "auto: vllm when its environment exists")
+    p.add_argument("--vllm-python", default=None, help="Python of the vLLM environment (default: found automatically)")
+    p.add_argument("--requests", type=int, default=24, help="number of requests in the workload")
+    p.add_argument("--prompt-tokens", type=int, default=384, help="mean prompt length")
+    p.add_argument("--shared-prefix", type=int, default=256, help="tokens of the shared system prompt")
+    p.add_argument("--shared-fraction", type=float, default=0.5, help="fraction of requests that share it")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--block-tokens", type=int, default=None,
+                   help="tokens per KV block (default 32 for vllm, whose CPU backend needs a multiple of 32; 16 otherwise)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="mean request arrival rate (Poisson), per second (default 4 for vllm, 8 otherwise)")
+    p.add_argument("--prefill-instances", type=int, default=None,
+                   help="prefill engines (round robin); with the pool they share one prefix cache "
+                        "(default 1 for vllm, one CPU core each side here; 2 otherwise)")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated; vllm: nixl, recompute (default both); transformers: tcp, nixl, mooncake, "
+                        "recompute (default tcp,nixl,recompute)")
+    p.add_argument("--capacity", default=None, help="pool size (default 1GiB for vllm, 256MiB otherwise)")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--engine-timeout", type=float, default=600, help="seconds an engine may take to start")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds the workload may take")
+    p.add_argument("--pool", default="pykvshm-demo", help="shm name of the pool (created, destroyed after)")
+    p.add_argument("--out", default="pykvshm-demo", help="folder for the report (JSON) and plot (PNG)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..integrations.vllm_env import missing_hint, vllm_python, vllm_version
+
+    python = None
+    if args.engine in ("auto", "vllm"):
+        python = args.vllm_python or vllm_python()
+        if python is None:
+            if args.engine == "vllm":
+                print(f"pykvshm demo: error: {missing_hint()}", file=sys.stderr)
+                return 1
+            print(f"pykvshm demo: {missing_hint()}; running the transformers engine instead", file=sys.stderr)
+    if python is not None:
+        from .driver import main
+
+        args.block_tokens = args.block_tokens or 32
+        args.rate = args.rate or 4.0
+        args.capacity = args.capacity or "1GiB"
+        args.prefill_instances = args.prefill_instances or 1
+        args.baselines = args.baselines if args.baselines is not None else "nixl,recompute"
+        args.engine_version = vllm_version(python)
+        return main(args, python)
+    from ..demo import main as transformers_main
+
+    args.block_tokens = args.block_tokens or 16
+    args.rate = args.rate or 8.0
+    args.capacity = args.capacity or "256MiB"
+    args.prefill_instances = args.prefill_instances or 2
+    args.baselines = args.baselines if args.baselines is not None else "tcp,nixl,recompute"
+    return transformers_main(args)
