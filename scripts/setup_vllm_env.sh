@@ -34,7 +34,7 @@ fi
 
 # This checkout, built and installed (not editable), and pytest for the scheduler-level tests.
 "${PIP[@]}" install -c "$CONSTRAINTS" pytest
-"${PIP[@]}" install --no-deps --force-reinstall "$REPO"
+"${PIP[@]}" install --no-deps --force-reinstall -C build-dir="$REPO/build/vllm-env" "$REPO"
 
 cd / && "$VENV/bin/python" - <<'PY'
 import torch, vllm

@@ -18,7 +18,13 @@ def test_mypy_passes_on_the_package(tmp_path) -> None:
     # refuses to check by path); _core.pyi stands in for the extension.
     pkg = os.path.join(ROOT, "pykvshm")
     files = [os.path.join(pkg, f) for f in ("__init__.py", "pool.py", "spec.py", "keys.py", "errors.py", "cli.py",
-                                             "_arrays.py", os.path.join("transfer", "stream.py"))]
+                                             "_arrays.py", os.path.join("transfer", "stream.py"),
+                                             os.path.join("integrations", "vllm_env.py"),
+                                             *(os.path.join("integrations", "vllm", f) for f in (
+                                                 "__init__.py", "config.py", "connector.py", "metadata.py",
+                                                 "scheduler.py", "worker.py")),
+                                             *(os.path.join("vllm_demo", f) for f in (
+                                                 "command.py", "driver.py", "engine.py", "engines.py")))]
     r = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
                         "--cache-dir", str(tmp_path), *files], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
