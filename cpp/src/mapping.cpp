@@ -125,13 +125,18 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
   check_placement(opt);
+  // The creator's mapping is only for initialising the metadata; Pool::open maps
+  // again and prefaults then (after posix_fallocate has reserved the space, so a
+  // full filesystem is ENOSPC here, not a fault).
+  MapOptions init = opt;
+  init.prefault = false;
   int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW;
   if (m.backend_ == Backend::kDevDax) {
     m.open_device(O_RDWR);
     // Refuse a device holding a pool before mapping it writable.
     if (has_pool_magic(m.fd_))
       raise(ErrorCode::kExists, "device " + m.path_ + " already holds a pykvshm pool; destroy it first");
-    m.map(opt);
+    m.map(init);
     return m;
   }
   if (m.backend_ == Backend::kShm) {
@@ -160,7 +165,7 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
     m.file_size_ = round_up(size, page);
     if (ftruncate(m.fd_, static_cast<off_t>(m.file_size_)) != 0)
       raise(ErrorCode::kPool, "cannot size pool file " + m.path_ + ": " + errno_text(errno));
-    m.map(opt);
+    m.map(init);
     if (!m.huge_) {
       int rc = posix_fallocate(m.fd_, 0, static_cast<off_t>(m.file_size_));
       if (rc == ENOSPC)
@@ -264,7 +269,9 @@ void Mapping::map(const MapOptions& opt) {
         if (e != EINVAL) {
           if (huge_ && backend_ != Backend::kDevDax && (e == ENOMEM || e == EFAULT))
             raise(ErrorCode::kPlacement, "prefault failed: " + placement::hugetlb_shortage(huge_page_size_, size_, fd_, path_));
-          raise(ErrorCode::kPlacement, "prefault of " + path_ + " failed: " + errno_text(e));
+          raise(ErrorCode::kPlacement, "prefault of " + path_ + " failed: " +
+                                           (e == EFAULT ? std::string("a page could not be faulted in (its filesystem is full?)")
+                                                        : errno_text(e)));
         }
         volatile const uint8_t* q = base_;
         uint8_t sink = 0;
