@@ -47,21 +47,40 @@ _COUNTER_SLOTS = 1 << 16  # per row of the torture counters file
 _SLOTS_PER_HOST = 4096
 
 
+_USERNS_ARGS = ["--user", "--map-root-user"]  # for a process that is not root: an unprivileged user namespace
+_ARGS_CACHE: list[str] | None = None
+
+
 def namespaces_available() -> tuple[bool, str]:
-    """Whether this process can create PID + network namespaces; otherwise (False, why)."""
+    """Whether this process can create PID + network namespaces; otherwise (False, why).
+    Not root, it tries an unprivileged user namespace as well."""
+    global _ARGS_CACHE
     exe = shutil.which("unshare")
     if exe is None:
         return False, "the unshare command (util-linux) is not installed"
-    cmd = [exe, *UNSHARE_ARGS, "true"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"`unshare {' '.join(UNSHARE_ARGS)} true` failed: {e}"
-    if r.returncode != 0:
-        why = r.stderr.strip() or f"exit status {r.returncode}"
-        return False, (f"cannot create PID and network namespaces (`unshare {' '.join(UNSHARE_ARGS)} true`: {why}); "
-                       "the multi-host rig needs root or unprivileged user namespaces")
-    return True, ""
+    tries = [UNSHARE_ARGS] + ([_USERNS_ARGS + UNSHARE_ARGS] if os.geteuid() != 0 else [])
+    why = ""
+    for args in tries:
+        try:
+            r = subprocess.run([exe, *args, "true"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = f"`unshare {' '.join(args)} true` failed: {e}"
+            continue
+        if r.returncode == 0:
+            _ARGS_CACHE = args
+            return True, ""
+        why = f"`unshare {' '.join(args)} true`: {r.stderr.strip() or f'exit status {r.returncode}'}"
+    return False, (f"cannot create PID and network namespaces ({why}); the multi-host rig needs root or "
+                   "unprivileged user namespaces")
+
+
+def _unshare_args() -> list[str]:
+    if _ARGS_CACHE is None:
+        ok, why = namespaces_available()
+        if not ok:
+            raise RuntimeError(why)
+    assert _ARGS_CACHE is not None
+    return _ARGS_CACHE
 
 
 def pid_namespace(pid: int | str = "self") -> str:
@@ -183,7 +202,7 @@ class Rig:
     def start(self, name: str, task: str, *args: str) -> Host:
         exe = shutil.which("unshare") or "unshare"
         log = open(self.workdir / f"{name}.log", "wb")
-        cmd = [exe, *UNSHARE_ARGS, sys.executable, "-m", "pykvshm.testing.rig", task, "--pool", self.pool,
+        cmd = [exe, *_unshare_args(), sys.executable, "-m", "pykvshm.testing.rig", task, "--pool", self.pool,
                "--workdir", str(self.workdir), "--name", name, "--lease", str(self.lease), *args]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         host = Host(name, self.workdir, proc, log)

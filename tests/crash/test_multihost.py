@@ -4,6 +4,7 @@ heartbeat lease only, a whole host killed and recovered by the survivors, tortur
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,19 @@ def test_hosts_have_distinct_host_ids_and_live_by_heartbeat(rig) -> None:
     members = {m["slot"]: m for m in pool.members()}
     assert {members[s["slot"]]["host_id"] for s in sa + sb} == ids[0] | ids[1]
     assert len({m["host_id"] for m in members.values()}) == 3
-    # Idle for more than two leases: the heartbeat timer keeps them alive, although their pids
-    # (1 and 2 in their namespaces) name other processes, or none, here.
-    import time
-
+    # Their pids are pids of their namespaces: here the same numbers name other processes, or none.
+    for s in sa + sb:
+        host_ns = a.pid_ns if s["host"] == "a" else b.pid_ns
+        try:
+            assert pid_namespace(s["pid"]) != host_ns
+        except OSError:  # no such process here, or a kernel thread
+            pass
+    # Idle for more than two leases: the heartbeat timer keeps them alive.
+    beats = {m["slot"]: m["heartbeat_ns"] for m in pool.members()}
     time.sleep(2 * LEASE + 0.5)
     assert pool.recover() == {"members_recovered": 0, "blocks_freed": 0, "pins_dropped": 0}
     assert all(m["alive"] for m in pool.members())
+    assert all(m["heartbeat_ns"] > beats[m["slot"]] for m in pool.members() if not m["self"])
     s = pool.stats()
     assert s["writing"] == sum(x["writing"] for x in sa + sb) and s["pinned"] == sum(x["pinned"] for x in sa + sb)
     pool.check(strict=True)
@@ -59,8 +66,6 @@ def test_hosts_have_distinct_host_ids_and_live_by_heartbeat(rig) -> None:
 
 
 def test_killed_host_is_recovered_by_survivors_after_the_lease(rig) -> None:
-    import time
-
     pool, r = rig
     free0 = pool.stats()["free"]
     a = r.start("a", "hold", "--members", "3", "--alloc", "4", "--pins", "2", "--reserve", "3",
@@ -75,15 +80,19 @@ def test_killed_host_is_recovered_by_survivors_after_the_lease(rig) -> None:
     assert a.processes() == [] and all(not os.path.exists(f"/proc/{p}") for p in a_procs)
     killed_at = time.monotonic()
     # Within the lease the dead host's members still count as alive: no pid can tell otherwise.
-    assert pool.recover() == {"members_recovered": 0, "blocks_freed": 0, "pins_dropped": 0}
-    assert time.monotonic() - killed_at < LEASE - 0.5, "too slow to observe the lease; the machine is overloaded"
+    early = pool.recover()
+    if time.monotonic() - killed_at < LEASE - 0.5:  # (on a badly overloaded machine the lease may be over)
+        assert early == {"members_recovered": 0, "blocks_freed": 0, "pins_dropped": 0}
+        assert len(pool.members()) == 1 + 3 + 1
     want = {"members_recovered": 3, "blocks_freed": sum(s["writing"] for s in sa),
             "pins_dropped": sum(s["pinned"] for s in sa)}
     assert want == {"members_recovered": 3, "blocks_freed": 3 * 7, "pins_dropped": 3 * 2}
     # The survivor host reclaims them once the lease has run out.
-    sb = b.wait_status(1, timeout=20, until=lambda st: st[0]["recovered"]["members_recovered"] >= 3)[0]
+    b_want = {k: want[k] - early[k] for k in want}  # all of it, unless the lease ran out before our call
+    sb = b.wait_status(1, timeout=20, until=lambda st: st[0]["recovered"]["members_recovered"] >=
+                       b_want["members_recovered"])[0]
     assert time.monotonic() - killed_at >= LEASE - 0.3
-    assert sb["recovered"] == want
+    assert sb["recovered"] == b_want
     assert {m["slot"] for m in pool.members()} == {pool._core.member_slot, sb["slot"]}
     s = pool.stats()
     assert s["writing"] == sb["writing"] and s["pinned"] == sb["pinned"] and s["evicting"] == 0
