@@ -215,8 +215,9 @@ class Rig:
                 try:
                     h.kill()
                 except (ProcessLookupError, RuntimeError, subprocess.TimeoutExpired):
-                    h.proc.kill()
+                    h.proc.kill()  # unshare --kill-child takes the namespace init with it
                     h.proc.wait(30)
+            h._log.close()
 
     def __enter__(self) -> "Rig":
         return self
