@@ -241,6 +241,7 @@ def run_rig_torture(
     lease: float = 1.5,
     capacity: str = "6MiB",
     seed: int = 0,
+    coherence: str = "coherent",
 ) -> dict[str, Any]:
     """Create pool ``name``; ``hosts`` hosts run torture workers; host 0 is killed whole (and a new
     host 0, in a new namespace, started) every few seconds.  Then every host stops, the lease
@@ -260,7 +261,7 @@ def run_rig_torture(
     # host_ids: (host id, PID namespace, killed) of every host started, in order.
     extra: dict[str, Any] = {"host_kills": 0, "hosts_started": 0, "worker_errors": 0, "host_ids": []}
     t0 = time.monotonic()
-    pool = Pool.create(name, spec=spec, capacity=capacity, lease=lease)
+    pool = Pool.create(name, spec=spec, capacity=capacity, lease=lease, coherence=coherence)
     try:
         with Rig(name, workdir, lease=lease) as rig:
             generation = 0
