@@ -109,8 +109,12 @@ Attributes attributes(int fd, const std::string& path) {
     raise(ErrorCode::kPool, "device DAX " + path + " has size " + std::to_string(a.size) + " bytes (" + a.sysfs_dir +
                                 "/size), not a multiple of its " + mib(a.align) + " alignment");
   std::string text;
-  if (placement::read_attr(a.sysfs_dir + "/target_node", &text) || placement::read_attr(a.sysfs_dir + "/numa_node", &text))
-    a.target_node = int(std::max<int64_t>(-1, placement::parse_int(text, a.sysfs_dir + "/target_node")));
+  for (const char* attr : {"target_node", "numa_node"}) {
+    if (!placement::read_attr(a.sysfs_dir + "/" + attr, &text)) continue;
+    int64_t node = placement::parse_int(text, a.sysfs_dir + "/" + attr);
+    a.target_node = node < 0 || node > 1 << 20 ? -1 : int(node);
+    break;
+  }
   if (a.stand_in && uint64_t(st.st_size) < a.size)
     raise(ErrorCode::kPool, "device DAX stand-in " + path + " is " + std::to_string(st.st_size) +
                                 " bytes, shorter than its sysfs size " + std::to_string(a.size));
