@@ -12,7 +12,7 @@ the longest cached prefix and reads it in place.
 from . import errors
 from .errors import PoolError, PoolFullError
 from .keys import block_keys, fold_key
-from .pool import Lease, Pool, Writer
+from .pool import Lease, Pool, Writer, dax_devices
 from .spec import KVSpec, parse_size
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "PoolFullError",
     "Writer",
     "block_keys",
+    "dax_devices",
     "errors",
     "fold_key",
     "parse_size",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid as _uuid
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -11,11 +12,11 @@ import numpy as np
 
 from . import _core
 from ._arrays import check_blocks, host_address, is_cuda, is_torch
-from .errors import GeometryMismatchError, PoolClosedError, ShapeMismatchError, ViewsAliveError
+from .errors import GeometryMismatchError, PoolClosedError, PoolNotFoundError, ShapeMismatchError, ViewsAliveError
 from .keys import keys_buffer
 from .spec import KVSpec, parse_size
 
-__all__ = ["Pool", "Lease", "Writer"]
+__all__ = ["Pool", "Lease", "Writer", "dax_devices"]
 
 _COHERENCE = {"coherent": 0, "noncoherent": 1}
 _COHERENCE_NAMES = {v: k for k, v in _COHERENCE.items()}
@@ -47,6 +48,48 @@ class _ViewTracker:
 
     def alive(self) -> bool:
         return self._ref is not None and self._ref() is not None
+
+
+def _parse_uuid(u: Any) -> _uuid.UUID:
+    if isinstance(u, _uuid.UUID):
+        return u
+    if isinstance(u, (bytes, bytearray)) and len(u) == 16:
+        return _uuid.UUID(bytes=bytes(u))
+    if isinstance(u, str):
+        try:
+            return _uuid.UUID(u)
+        except ValueError:
+            pass
+    raise ValueError(f"uuid must be a pool uuid such as '0f8fad5b-d9cb-469f-a165-70867728950e', got {u!r}")
+
+
+def _numa_maps(address: int) -> dict[str, Any]:
+    """The NUMA policy and per-node resident pages of the mapping starting at ``address``."""
+    out: dict[str, Any] = {"policy": None, "pages_per_node": {}}
+    try:
+        with open("/proc/self/numa_maps") as f:
+            for line in f:
+                fields = line.split()
+                if fields and int(fields[0], 16) == address:
+                    out["policy"] = fields[1] if len(fields) > 1 else None
+                    for fld in fields[2:]:
+                        if fld.startswith("N") and "=" in fld and fld[1:fld.index("=")].isdigit():
+                            out["pages_per_node"][int(fld[1:fld.index("=")])] = int(fld[fld.index("=") + 1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def dax_devices() -> list[dict[str, Any]]:
+    """The device-DAX devices listed in sysfs and what each holds, read without mapping them:
+    ``name`` (daxX.Y), ``path``, ``size``, ``uuid`` (of the pykvshm pool on it, or None) and ``note``."""
+    out = []
+    for d in _core.dax_scan():
+        d = dict(d)
+        d["uuid"] = None if d["uuid"] is None else str(_uuid.UUID(bytes=bytes(d["uuid"])))
+        out.append(d)
+    return out
 
 
 def _block_array(buf: Any, spec: KVSpec) -> np.ndarray:
@@ -94,8 +137,12 @@ class Pool:
         """Create a pool of ``capacity`` bytes holding blocks of ``spec`` and attach to it.
 
         ``prefault`` maps every page now (no first-touch cost later); ``huge_pages``
-        asks for 2 MiB pages (a hugetlbfs path always has them); ``numa_node`` binds
-        the memory to a NUMA node (CXL memory is a CPU-less node); ``coherence``
+        asks for 2 MiB pages (a hugetlbfs path and device DAX always have them; on
+        tmpfs they need transparent huge pages); ``numa_node`` binds the memory to a
+        NUMA node (CXL memory is a CPU-less node).  Unavailable placement raises
+        :class:`~pykvshm.errors.PlacementError` naming what the machine has.  On
+        device DAX (``/dev/daxX.Y``) the pool takes the whole device and ``capacity``
+        is ignored.  ``coherence``
         is ``"coherent"`` (one host, or CXL 3.x) or ``"noncoherent"`` (CXL 2.0
         memory shared by several hosts); ``checksums`` stores a CRC32C per block and
         verifies it on acquire; ``lease`` is the seconds after which a silent member
@@ -105,6 +152,8 @@ class Pool:
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
         if coherence not in _COHERENCE:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
+        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
+            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
         core = _core.Pool.create(
             str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
             spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
@@ -117,26 +166,46 @@ class Pool:
     @classmethod
     def open(
         cls,
-        name: str,
+        name: str | None = None,
         spec: KVSpec | None = None,
         *,
+        uuid: str | _uuid.UUID | None = None,
         prefault: bool = False,
         huge_pages: bool = False,
         numa_node: int | None = None,
         host_id: int | None = None,
         lease: float = 10.0,
     ) -> "Pool":
-        """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry."""
+        """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry.
+
+        ``uuid`` without ``name`` finds the pool among the device-DAX devices (the same
+        device has different names on different hosts; the uuid in its superblock does
+        not change): every ``/dev/daxX.Y`` listed in sysfs is read, never mapped, and the
+        one holding that pool is opened.  ``PoolNotFoundError`` lists what was scanned.
+        With both, the pool at ``name`` must have that uuid.
+        """
         if spec is not None and not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
+        want = None if uuid is None else _parse_uuid(uuid)
+        if name is None:
+            if want is None:
+                raise TypeError("Pool.open needs a pool name (or path), or uuid= to find it among the device-DAX devices")
+            name = str(_core.dax_find_pool(want.bytes))
         expect = None if spec is None else (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens,
                                              spec.dtype_code, spec.itemsize)
+        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
+            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
         core = _core.Pool.open(
             str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
             numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
             expect=expect,
         )
-        return cls(core, str(name))
+        pool = cls(core, str(name))
+        if want is not None and pool.uuid != str(want):
+            got, path = pool.uuid, pool.path
+            pool.close()
+            raise PoolNotFoundError(f"the pool at {path} has uuid {got}, not {want}")
+        return pool
 
     @classmethod
     def open_or_create(
@@ -243,6 +312,19 @@ class Pool:
     def uuid(self) -> str:
         u = bytes(self._core.uuid).hex()
         return f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """Where this handle's mapping lives: ``backend`` (shm, file, devdax), ``page_size``,
+        ``huge_pages``, ``numa_node`` (bound by this handle, or None), ``device_node`` (device
+        DAX: the node of its memory per sysfs, or None), ``prefault``, and from
+        /proc/self/numa_maps the kernel's ``policy`` for the mapping (e.g. ``bind:0``, shared
+        with every process on shm) and ``pages_per_node`` resident in this process."""
+        p = dict(self._live().placement)
+        for k in ("numa_node", "device_node"):
+            p[k] = None if p[k] < 0 else int(p[k])
+        p.update(_numa_maps(int(self._core.address)))
+        return p
 
     @property
     def coherence(self) -> str:

@@ -113,6 +113,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "pykvshm C++ core (private: use the pykvshm package)";
   pykvshm::bindings::register_errors(m);
   pykvshm::bindings::register_pool(m);
+  pykvshm::bindings::register_dax(m);
   m.def("layout_info", &layout_info, "Sizes and offsets of the on-media layout");
   m.def("crc32c", [](py::buffer b, uint32_t crc) {
     py::buffer_info info = b.request();

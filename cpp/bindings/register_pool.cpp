@@ -138,6 +138,18 @@ void register_pool(py::module_& m) {
       .def("close", &Pool::close, py::call_guard<py::gil_scoped_release>())
       .def("abandon", &Pool::abandon)
       .def_property_readonly("closed", &Pool::closed)
+      .def_property_readonly("placement", [](const Pool& p) {
+        const Mapping& mp = p.mapping();
+        static const char* kBackends[] = {"shm", "file", "devdax"};
+        py::dict d;
+        d["backend"] = kBackends[int(mp.backend())];
+        d["page_size"] = mp.page_size();
+        d["huge_pages"] = mp.huge();
+        d["numa_node"] = mp.numa_node();
+        d["device_node"] = mp.device_node();
+        d["prefault"] = mp.prefaulted();
+        return d;
+      })
       .def_property_readonly("geometry", [](const Pool& p) {
         const auto& g = p.geometry();
         py::dict d;

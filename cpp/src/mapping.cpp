@@ -11,17 +11,11 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 
+#include "pykvshm/dax.h"
 #include "pykvshm/errors.h"
-
-#ifndef MPOL_BIND
-#define MPOL_BIND 2
-#endif
-#ifndef MPOL_MF_STRICT
-#define MPOL_MF_STRICT (1 << 0)
-#define MPOL_MF_MOVE (1 << 1)
-#endif
+#include "pykvshm/layout.h"
+#include "pykvshm/placement.h"
 
 namespace pykvshm {
 namespace {
@@ -38,20 +32,18 @@ bool is_hugetlbfs(int fd, uint64_t* page) {
   return true;
 }
 
-void bind_node(uint8_t* base, uint64_t size, int node) {
-  char path[96];
-  std::snprintf(path, sizeof path, "/sys/devices/system/node/node%d", node);
-  struct stat st {};
-  if (node < 0 || node >= 1024 || stat(path, &st) != 0)
-    raise(ErrorCode::kPlacement, "NUMA node " + std::to_string(node) + " does not exist on this machine (" +
-                                     std::string(path) + " is missing)");
-  unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
-  mask[size_t(node) / (8 * sizeof(unsigned long))] |= 1ul << (size_t(node) % (8 * sizeof(unsigned long)));
-  long rc = syscall(SYS_mbind, base, size, MPOL_BIND, mask, 1024ul, MPOL_MF_STRICT | MPOL_MF_MOVE);
-  if (rc != 0) {
-    int e = errno;
-    raise(ErrorCode::kPlacement, "mbind to NUMA node " + std::to_string(node) + " failed: " + errno_text(e));
-  }
+bool has_pool_magic(int fd) {
+  char magic[sizeof layout::kMagic] = {};
+  ssize_t r;
+  do r = pread(fd, magic, sizeof magic, 0);
+  while (r < 0 && errno == EINTR);
+  return r == ssize_t(sizeof magic) && std::memcmp(magic, layout::kMagic, sizeof magic) == 0;
+}
+
+// Placement requests that can be refused before anything exists.
+void check_placement(const MapOptions& opt) {
+  if (opt.numa_node < -1) raise(ErrorCode::kPlacement, "NUMA node " + std::to_string(opt.numa_node) + " is not a node number");
+  if (opt.numa_node >= 0) placement::check_node(opt.numa_node);
 }
 
 }  // namespace
@@ -64,6 +56,7 @@ Mapping& Mapping::operator=(Mapping&& o) noexcept {
     fd_ = o.fd_; base_ = o.base_; size_ = o.size_; file_size_ = o.file_size_;
     name_ = std::move(o.name_); path_ = std::move(o.path_); backend_ = o.backend_;
     huge_ = o.huge_; huge_page_size_ = o.huge_page_size_;
+    numa_node_ = o.numa_node_; device_node_ = o.device_node_; prefaulted_ = o.prefaulted_;
     o.fd_ = -1; o.base_ = nullptr; o.size_ = 0;
   }
   return *this;
@@ -94,7 +87,7 @@ Backend Mapping::backend_for(const std::string& name) {
       pos = next;
     }
     if (name.back() == '/') raise(ErrorCode::kInvalidName, "pool path '" + name + "' names a directory");
-    return name.rfind("/dev/dax", 0) == 0 ? Backend::kDevDax : Backend::kFile;
+    return dax::is_device_path(name) ? Backend::kDevDax : Backend::kFile;
   }
   // A POSIX shm name: one path component of safe characters.
   if (name.size() > 200) raise(ErrorCode::kInvalidName, "shm pool name is longer than 200 characters");
@@ -110,16 +103,20 @@ Backend Mapping::backend_for(const std::string& name) {
 
 std::string Mapping::shm_path(const std::string& name) { return "/dev/shm/" + name; }
 
-uint64_t Mapping::devdax_size(int fd, const std::string& path) {
-  struct stat st {};
-  if (fstat(fd, &st) != 0) raise(ErrorCode::kPool, "fstat " + path + ": " + errno_text(errno));
-  char sys[128];
-  std::snprintf(sys, sizeof sys, "/sys/dev/char/%u:%u/size", major(st.st_rdev), minor(st.st_rdev));
-  std::ifstream in(sys);
-  uint64_t size = 0;
-  if (!(in >> size) || size == 0)
-    raise(ErrorCode::kPool, "cannot read the size of device DAX " + path + " from " + sys);
-  return size;
+void Mapping::open_device(int flags) {
+  fd_ = ::open(path_.c_str(), flags | O_CLOEXEC | O_NOFOLLOW);
+  if (fd_ < 0) {
+    int e = errno;
+    if (e == ENOENT) raise(ErrorCode::kNotFound, "device DAX " + path_ + " does not exist");
+    if (e == ELOOP) raise(ErrorCode::kInvalidName, "pool path " + path_ + " is a symbolic link; refusing to follow it");
+    raise(ErrorCode::kPool, "cannot open device DAX " + path_ + ": " + errno_text(e));
+  }
+  dax::Attributes a = dax::attributes(fd_, path_);
+  backend_ = Backend::kDevDax;
+  file_size_ = a.size;
+  huge_ = true;
+  huge_page_size_ = a.align;
+  device_node_ = a.target_node;
 }
 
 Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions& opt) {
@@ -127,20 +124,19 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
   m.name_ = name;
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
+  check_placement(opt);
+  // The creator's mapping is only for initialising the metadata; Pool::open maps
+  // again and prefaults then (after posix_fallocate has reserved the space, so a
+  // full filesystem is ENOSPC here, not a fault).
+  MapOptions init = opt;
+  init.prefault = false;
   int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW;
   if (m.backend_ == Backend::kDevDax) {
-    m.fd_ = ::open(m.path_.c_str(), flags);
-    if (m.fd_ < 0) {
-      int e = errno;
-      raise(e == ENOENT ? ErrorCode::kNotFound : ErrorCode::kPool, "cannot open device DAX " + m.path_ + ": " + errno_text(e));
-    }
-    struct stat st {};
-    fstat(m.fd_, &st);
-    if (!S_ISCHR(st.st_mode)) raise(ErrorCode::kPool, m.path_ + " is not a character device");
-    m.file_size_ = devdax_size(m.fd_, m.path_);
-    m.huge_ = true;
-    m.huge_page_size_ = 2ull << 20;
-    m.map(opt);
+    m.open_device(O_RDWR);
+    // Refuse a device holding a pool before mapping it writable.
+    if (has_pool_magic(m.fd_))
+      raise(ErrorCode::kExists, "device " + m.path_ + " already holds a pykvshm pool; destroy it first");
+    m.map(init);
     return m;
   }
   if (m.backend_ == Backend::kShm) {
@@ -161,13 +157,15 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
     if (is_hugetlbfs(m.fd_, &m.huge_page_size_)) {
       m.huge_ = true;
       page = m.huge_page_size_;
+      placement::check_hugetlb(page, round_up(size, page), m.fd_, m.path_);
     } else if (opt.huge_pages) {
+      placement::check_file_huge_pages(m.fd_, m.path_);
       page = 2ull << 20;
     }
     m.file_size_ = round_up(size, page);
     if (ftruncate(m.fd_, static_cast<off_t>(m.file_size_)) != 0)
       raise(ErrorCode::kPool, "cannot size pool file " + m.path_ + ": " + errno_text(errno));
-    m.map(opt);
+    m.map(init);
     if (!m.huge_) {
       int rc = posix_fallocate(m.fd_, 0, static_cast<off_t>(m.file_size_));
       if (rc == ENOSPC)
@@ -183,11 +181,15 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
 }
 
 Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
-  (void)opt;
   Mapping m;
   m.name_ = name;
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
+  check_placement(opt);
+  if (m.backend_ == Backend::kDevDax) {
+    m.open_device(O_RDWR);
+    return m;
+  }
   if (m.backend_ == Backend::kShm)
     m.fd_ = shm_open(("/" + name).c_str(), O_RDWR, 0);
   else
@@ -201,13 +203,17 @@ Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
   struct stat st {};
   if (fstat(m.fd_, &st) != 0) raise(ErrorCode::kPool, "fstat " + m.path_ + ": " + errno_text(errno));
   if (S_ISCHR(st.st_mode)) {
+    // A device DAX under another name (e.g. a udev alias).
+    dax::Attributes a = dax::attributes(m.fd_, m.path_);
     m.backend_ = Backend::kDevDax;
-    m.file_size_ = devdax_size(m.fd_, m.path_);
+    m.file_size_ = a.size;
     m.huge_ = true;
-    m.huge_page_size_ = 2ull << 20;
+    m.huge_page_size_ = a.align;
+    m.device_node_ = a.target_node;
   } else if (S_ISREG(st.st_mode)) {
     m.file_size_ = static_cast<uint64_t>(st.st_size);
-    is_hugetlbfs(m.fd_, &m.huge_page_size_) && (m.huge_ = true);
+    if (is_hugetlbfs(m.fd_, &m.huge_page_size_)) m.huge_ = true;
+    else if (opt.huge_pages) placement::check_file_huge_pages(m.fd_, m.path_);
   } else {
     raise(ErrorCode::kCorrupt, "pool '" + name + "' (" + m.path_ + ") is not a regular file or device DAX");
   }
@@ -232,33 +238,51 @@ std::vector<uint8_t> Mapping::read_prefix(size_t n) const {
 
 void Mapping::map(const MapOptions& opt) {
   if (base_) return;
-  int flags = MAP_SHARED | (opt.prefault ? MAP_POPULATE : 0);
-  void* p = mmap(nullptr, file_size_, PROT_READ | PROT_WRITE, flags, fd_, 0);
-  if (p == MAP_FAILED) raise(ErrorCode::kPool, "cannot map pool " + path_ + ": " + errno_text(errno));
+  if (backend_ == Backend::kDevDax && opt.numa_node >= 0 && device_node_ != opt.numa_node)
+    raise(ErrorCode::kPlacement, "device DAX " + path_ + " is memory of NUMA node " +
+                                     (device_node_ < 0 ? std::string("unknown (sysfs has no target_node)")
+                                                       : std::to_string(device_node_)) +
+                                     ", not node " + std::to_string(opt.numa_node) +
+                                     "; device memory cannot be moved (leave numa_node unset or pick the device on that node)");
+  // No MAP_POPULATE: pages must not be faulted in before the NUMA policy is set.
+  void* p = mmap(nullptr, file_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) {
+    int e = errno;
+    if (e == ENOMEM && huge_ && backend_ != Backend::kDevDax)
+      raise(ErrorCode::kPlacement, placement::hugetlb_shortage(huge_page_size_, file_size_, fd_, path_));
+    raise(ErrorCode::kPool, "cannot map pool " + path_ + ": " + errno_text(e));
+  }
   base_ = static_cast<uint8_t*>(p);
   size_ = file_size_;
-  if (opt.prefault) {
-    // MAP_POPULATE maps a shared mapping's pages read-only, so the first store
-    // to each page still faults.  MADV_POPULATE_WRITE (Linux 5.14) installs
-    // writable entries without touching the data; older kernels keep MAP_POPULATE's.
-    constexpr int kMadvPopulateWrite = 23;
-    (void)madvise(base_, size_, kMadvPopulateWrite);
-  }
-  if (opt.huge_pages && !huge_) {
-    if (madvise(base_, size_, MADV_HUGEPAGE) != 0) {
-      int e = errno;
-      unmap();
-      raise(ErrorCode::kPlacement, "huge pages are not available for " + path_ + " (madvise MADV_HUGEPAGE: " + errno_text(e) +
-                                       "); use a hugetlbfs path or huge_pages=False");
+  try {
+    if (opt.huge_pages && !huge_ && madvise(base_, size_, MADV_HUGEPAGE) != 0)
+      raise(ErrorCode::kPlacement, "huge pages are not available for " + path_ + " (madvise MADV_HUGEPAGE: " +
+                                       errno_text(errno) + "); use a hugetlbfs path or huge_pages=False");
+    if (opt.numa_node >= 0 && backend_ != Backend::kDevDax) placement::bind_node(base_, size_, opt.numa_node);
+    numa_node_ = opt.numa_node;
+    if (opt.prefault) {
+      // Writable page-table entries for every page, without touching the data
+      // (MADV_POPULATE_WRITE, Linux 5.14).  Older kernels: read each page once.
+      constexpr int kMadvPopulateWrite = 23;
+      if (madvise(base_, size_, kMadvPopulateWrite) != 0) {
+        int e = errno;
+        if (e != EINVAL) {
+          if (huge_ && backend_ != Backend::kDevDax && (e == ENOMEM || e == EFAULT))
+            raise(ErrorCode::kPlacement, "prefault failed: " + placement::hugetlb_shortage(huge_page_size_, size_, fd_, path_));
+          raise(ErrorCode::kPlacement, "prefault of " + path_ + " failed: " +
+                                           (e == EFAULT ? std::string("a page could not be faulted in (its filesystem is full?)")
+                                                        : errno_text(e)));
+        }
+        volatile const uint8_t* q = base_;
+        uint8_t sink = 0;
+        for (uint64_t off = 0; off < size_; off += page_size()) sink = uint8_t(sink ^ q[off]);
+        (void)sink;
+      }
+      prefaulted_ = true;
     }
-  }
-  if (opt.numa_node >= 0) {
-    try {
-      bind_node(base_, size_, opt.numa_node);
-    } catch (...) {
-      unmap();
-      throw;
-    }
+  } catch (...) {
+    unmap();
+    throw;
   }
 }
 
@@ -280,15 +304,27 @@ void Mapping::destroy(const std::string& name) {
   }
   struct stat st {};
   fstat(fd, &st);
-  if (S_ISCHR(st.st_mode)) {
+  if (S_ISCHR(st.st_mode) || b == Backend::kDevDax) {
     // A device cannot be unlinked, and device DAX supports no write(2): map its first
-    // 2 MiB (the device's alignment) and wipe the superblock page so it is no pool any more.
-    void* p = mmap(nullptr, 2ull << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    // alignment unit and wipe the superblock page so it is no pool any more.
+    uint64_t align = 0;
+    try {
+      align = dax::attributes(fd, name).align;
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    if (!has_pool_magic(fd)) {
+      ::close(fd);
+      raise(ErrorCode::kNotFound, "device " + name + " holds no pykvshm pool; it was left untouched");
+    }
+    void* p = mmap(nullptr, align, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
     ::close(fd);
-    if (p == MAP_FAILED) raise(ErrorCode::kPool, "cannot map device " + name + " to wipe its superblock: " + errno_text(errno));
+    if (p == MAP_FAILED) raise(ErrorCode::kPool, "cannot map device " + name + " to wipe its superblock: " + errno_text(e));
     std::memset(p, 0, 4096);
     msync(p, 4096, MS_SYNC);
-    munmap(p, 2ull << 20);
+    munmap(p, align);
     return;
   }
   ::close(fd);

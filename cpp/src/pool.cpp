@@ -162,7 +162,13 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
       if (std::memcmp(sb->magic, kMagic, sizeof kMagic) == 0)
         raise(ErrorCode::kExists, "device " + m.path() + " already holds a pykvshm pool; destroy it first");
     }
-    LayoutPlan p = plan_layout(g, m.size(), kPageBytes);
+    LayoutPlan p{};
+    try {
+      p = plan_layout(g, m.size(), kPageBytes);
+    } catch (const Error& e) {
+      if (b != Backend::kDevDax) throw;
+      raise(e.code(), "device DAX " + m.path() + " (" + std::to_string(m.size()) + " bytes) is too small for this pool: " + e.what());
+    }
     // Zero the metadata (a fresh tmpfs file is zero already; a device is not).
     std::memset(base, 0, p.regions[kRegionData].offset);
     auto sb = reinterpret_cast<Superblock*>(base);

@@ -58,11 +58,13 @@ def _prompt_keys(spec: KVSpec, prompt: int, blocks: int) -> list[bytes]:
     return prompt_keys(spec, prompt, blocks, salt=b"torture")
 
 
-def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, reads, parent: int) -> None:
-    """Loops until killed.  Never takes a lock shared with other processes."""
+def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, reads, parent: int,
+            lease: float = 10.0) -> None:
+    """Loops until killed.  Never takes a lock shared with other processes.  ``lease`` is the
+    heartbeat lease after which this worker judges a silent member of another host dead."""
     rng = random.Random(seed)
     try:
-        pool = Pool.open(name)
+        pool = Pool.open(name, lease=lease)
     except PoolError:
         os._exit(3)
     spec = pool.spec

@@ -11,9 +11,10 @@ namespace pykvshm {
 enum class Backend { kShm = 0, kFile = 1, kDevDax = 2 };
 
 struct MapOptions {
-  bool prefault = false;   // MAP_POPULATE: pay first-touch cost now, not on the hot path
-  bool huge_pages = false; // hugetlbfs files are always huge; elsewhere MADV_HUGEPAGE (required to succeed)
-  int numa_node = -1;      // mbind(MPOL_BIND) the mapping to this node (CXL memory is a CPU-less node)
+  bool prefault = false;   // fault every page in writable now (after binding), not on the hot path
+  bool huge_pages = false; // hugetlbfs files and device DAX are always huge; tmpfs needs THP (checked)
+  int numa_node = -1;      // mbind(MPOL_BIND) the mapping to this node (CXL memory is a CPU-less node);
+                           // for device DAX: the device's memory must be on this node
   uint32_t mode = 0600;    // permission bits of a created file
 };
 
@@ -27,14 +28,16 @@ class Mapping {
   ~Mapping();
 
   // Backend from a user-facing name: an absolute path is a file (or a device-DAX
-  // character device), anything else a POSIX shm name.  Validates the name.
+  // character device, see dax.h), anything else a POSIX shm name.  Validates the name.
   static Backend backend_for(const std::string& name);
   static std::string shm_path(const std::string& name);  // "/dev/shm/<name>"
 
   // Creates the backing store exclusively and maps it; `size` is rounded up to
   // the page or huge-page size.  Space is allocated up front (posix_fallocate),
   // so a full tmpfs is an error here instead of a SIGBUS later.  For device DAX
-  // nothing is created: the device's size is used.
+  // nothing is created, truncated or allocated: the device's sysfs size is used,
+  // and a device that already holds a pool is refused (kExists) before it is mapped.
+  // Placement (NUMA node, huge pages) is checked before anything is created.
   static Mapping create(const std::string& name, uint64_t size, const MapOptions& opt);
   // Opens existing backing store.  Nothing is mapped or written yet: call
   // read_header() to validate, then map().
@@ -51,11 +54,14 @@ class Mapping {
   const std::string& path() const { return path_; }
   Backend backend() const { return backend_; }
   bool huge() const { return huge_; }
+  uint64_t page_size() const { return huge_ ? huge_page_size_ : 4096; }
+  int numa_node() const { return numa_node_; }        // the node this mapping was bound to (or checked), -1 none
+  int device_node() const { return device_node_; }    // device DAX: NUMA node of its memory per sysfs, -1 unknown
+  bool prefaulted() const { return prefaulted_; }
 
-  // Removes a pool's backing store (unlink; for device DAX, zeroes the superblock page).
+  // Removes a pool's backing store (unlink; for device DAX, zeroes the superblock
+  // page, and only when it holds a pykvshm pool).
   static void destroy(const std::string& name);
-  // Size of a device-DAX character device, from sysfs.
-  static uint64_t devdax_size(int fd, const std::string& path);
 
  private:
   int fd_ = -1;
@@ -66,6 +72,11 @@ class Mapping {
   Backend backend_ = Backend::kShm;
   bool huge_ = false;
   uint64_t huge_page_size_ = 0;
+  int numa_node_ = -1;
+  int device_node_ = -1;
+  bool prefaulted_ = false;
+
+  void open_device(int flags);  // opens path_ as device DAX and reads its sysfs attributes
 };
 
 }  // namespace pykvshm

@@ -96,6 +96,7 @@ class Pool {
   uint64_t total_bytes() const { return map_.size(); }
   uint64_t data_offset() const { return data_off_; }
   const std::string& path() const { return map_.path(); }
+  const Mapping& mapping() const { return map_; }  // backend and placement
   layout::Coherence coherence() const { return coherence_; }
   bool block_checksums() const { return checksums_; }
   uint32_t member_slot() const { return slot_; }
