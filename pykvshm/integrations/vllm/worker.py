@@ -57,7 +57,8 @@ def evict_all(pool: Any) -> bool:
 class _Save:
     transfer: BlockTransfer
     writer: Any
-    block_index: Any  # torch.LongTensor of engine block ids, one per reserved pool block
+    block_ids: list[int]   # engine block id of each reserved pool block
+    dst: list[Any] | None  # uint8 tensors over the reserved pool blocks (dropped before commit)
     layers_done: set[int] = field(default_factory=set)
 
 
@@ -168,20 +169,25 @@ class WorkerSide:
     def save_kv_layer(self, layer_name: str, kv_layer: Any, meta: PykvshmMetadata) -> None:
         if not meta.saves:
             return
+        import torch
+
         t0 = time.perf_counter()
         layer = self._layer_of.get(layer_name)
         if layer is None:
             raise GeometryMismatchError(f"save_kv_layer for unregistered layer {layer_name!r}")
         if self._saves is None:
             self._saves = self._open_writers(meta)
-        spec = self.cfg.spec
+        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        lo, hi = layer * layer_bytes, (layer + 1) * layer_bytes
+        cuda = kv_layer.device.type == "cuda"
         for s in self._saves:
-            g = kv_layer.index_select(self._block_dim, s.block_index.to(kv_layer.device))
-            if self._block_dim:
-                g = g.movedim(self._block_dim, 0)
-            g = g.contiguous().view(len(s.writer), 2, spec.block_tokens, spec.num_kv_heads, spec.head_dim)
-            s.writer.write_layer(layer, g)
+            assert s.dst is not None
+            for dst, bid in zip(s.dst, s.block_ids):
+                src = kv_layer.select(self._block_dim, bid).view(torch.uint8)
+                dst[lo:hi].view(src.shape).copy_(src, non_blocking=cuda)
             s.layers_done.add(layer)
+        if cuda:
+            torch.cuda.current_stream(kv_layer.device).synchronize()
         self._stats.save_s += time.perf_counter() - t0
 
     def _open_writers(self, meta: PykvshmMetadata) -> list[_Save]:
@@ -202,14 +208,17 @@ class WorkerSide:
             if len(w) == 0:
                 w.abort()
                 continue
-            ids = torch.tensor([tr.block_ids[int(p)] for p in w.positions], dtype=torch.long)
-            saves.append(_Save(tr, w, ids))
+            # One copy per block and layer, straight from the engine block into the pool block
+            # (a batched index_select gather measured ~7 ms per layer here, the copies ~10 us).
+            dst = [torch.from_numpy(v.reshape(-1).view("uint8")) for v in w.views()]
+            saves.append(_Save(tr, w, [tr.block_ids[int(p)] for p in w.positions], dst))
         return saves
 
     def wait_for_save(self) -> None:
         t0 = time.perf_counter()
         n = self.cfg.spec.num_layers
         for s in self._saves or []:
+            s.dst = None  # the views go before the writer can commit or abort
             if len(s.layers_done) == n:
                 s.writer.commit()
                 self._stats.save_blocks += len(s.writer)
@@ -234,6 +243,7 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         for s in self._saves or []:
+            s.dst = None
             s.writer.abort()
         self._saves = None
         self.pool.close()
