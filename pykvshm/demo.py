@@ -561,6 +561,26 @@ def summarize(rep: dict[str, Any], ref: dict[str, list[int]], reqs: list[Request
     }
 
 
+def ms_columns(keys: list[str]) -> list[tuple[str, int, Any]]:
+    """Table columns for summary keys like ``ttft_ms_p50`` ("TTFT p50", in ms)."""
+    def col(key: str) -> tuple[str, int, Any]:
+        name, _, q = key.partition("_ms_")
+        return (f"{name.upper() if name in ('ttft', 'tpot') else name} {q}", 12, lambda s: f"{s[key]:.1f}ms")
+    return [col(k) for k in keys]
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, int, Any]]) -> None:
+    """Print ``rows`` as a fixed-width table: columns are (header, width, row -> text)."""
+    def line(cells: list[str]) -> str:
+        return " ".join(f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, (_, w, _)) in enumerate(zip(cells, columns)))
+
+    hdr = line([h for h, _, _ in columns])
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(line([f(r) for _, _, f in columns]))
+
+
 def plot(reports: list[dict[str, Any]], path: str) -> bool:
     try:
         import matplotlib
@@ -647,15 +667,14 @@ def main(args: argparse.Namespace) -> int:
             reports.append(rep)
     summaries = [summarize(r, ref, reqs) for r in reports]
     print()
-    hdr = (f"{'transport':10s} {'reqs':>5s} {'tokens =':>9s} {'KV =':>6s} {'hit rate':>9s} {'TTFT p50':>9s} "
-           f"{'TTFT p99':>9s} {'handoff p50':>12s} {'handoff p99':>12s} {'TPOT p50':>9s} {'TPOT p99':>9s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for s in summaries:
-        print(f"{s['transport']:10s} {s['requests']:5d} {s['tokens_identical']:>4d}/{s['requests']:<4d} "
-              f"{s['kv_identical']:>3d}/{s['requests']:<2d} {100 * s['prefix_hit_rate']:8.1f}% "
-              f"{s['ttft_ms_p50']:8.1f}ms {s['ttft_ms_p99']:8.1f}ms {s['handoff_ms_p50']:10.2f}ms "
-              f"{s['handoff_ms_p99']:10.2f}ms {s['tpot_ms_p50']:8.2f}ms {s['tpot_ms_p99']:8.2f}ms")
+    print_table(summaries, [
+        ("transport", 10, lambda s: s["transport"]),
+        ("reqs", 5, lambda s: str(s["requests"])),
+        ("tokens =", 9, lambda s: f"{s['tokens_identical']}/{s['requests']}"),
+        ("KV =", 7, lambda s: f"{s['kv_identical']}/{s['requests']}"),
+        ("hit rate", 9, lambda s: f"{100 * s['prefix_hit_rate']:.1f}%"),
+        *ms_columns(["ttft_ms_p50", "ttft_ms_p99", "handoff_ms_p50", "handoff_ms_p99", "tpot_ms_p50", "tpot_ms_p99"]),
+    ])
     print("handoff = time from the end of prefill until the decode worker holds all of the prompt's full KV "
           "blocks (0 when the layers streamed in before prefill returned; for recompute: the re-prefill)")
     base = {s["transport"]: s for s in summaries}

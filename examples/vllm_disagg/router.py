@@ -72,21 +72,13 @@ class Router(BaseHTTPRequestHandler):
         except (ValueError, json.JSONDecodeError) as e:
             self._send_error(400, f"bad JSON body: {e}")
             return
-        try:
-            self._post(self.prefill_url, prefill_request(body)).read()
-        except urllib.error.HTTPError as e:
-            self._send_error(e.code, f"prefill server: {e.read().decode(errors='replace')[:500]}")
+        prefill = self._call("prefill", self.prefill_url, prefill_request(body))
+        if prefill is None:
             return
-        except urllib.error.URLError as e:
-            self._send_error(502, f"prefill server unreachable: {e}")
-            return
-        try:
-            upstream = self._post(self.decode_url, body)
-        except urllib.error.HTTPError as e:
-            self._send_error(e.code, f"decode server: {e.read().decode(errors='replace')[:500]}")
-            return
-        except urllib.error.URLError as e:
-            self._send_error(502, f"decode server unreachable: {e}")
+        with prefill:
+            prefill.read()
+        upstream = self._call("decode", self.decode_url, body)
+        if upstream is None:
             return
         with upstream:
             self.send_response(upstream.status)
@@ -103,10 +95,17 @@ class Router(BaseHTTPRequestHandler):
                 self.wfile.write(line)
                 self.wfile.flush()
 
-    def _post(self, base: str, body: dict[str, Any]) -> Any:
+    def _call(self, role: str, base: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to the same path on ``base``; on failure answer the client and return None."""
         req = urllib.request.Request(base + self.path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
-        return urllib.request.urlopen(req, timeout=self.timeout)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            self._send_error(e.code, f"{role} server: {e.read().decode(errors='replace')[:500]}")
+        except urllib.error.URLError as e:
+            self._send_error(502, f"{role} server unreachable: {e}")
+        return None
 
 
 def make_server(prefill: str, decode: str, host: str, port: int) -> ThreadingHTTPServer:

@@ -107,6 +107,16 @@ def _transports() -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
+def _with_skips_and_errors(out: dict[str, Any], skipped: Any, errors: dict[str, Any]) -> dict[str, Any]:
+    """Note the transports that were not available; raise _PartialFailure (keeping ``out``) if any failed."""
+    if skipped:
+        out["notes"].append("not available here, skipped: " + ", ".join(sorted(skipped)))
+    if errors:
+        out["transport_errors"] = errors
+        raise _PartialFailure(out, "; ".join(f"{n}: {_first_line_of_failure(e)}" for n, e in errors.items()))
+    return out
+
+
 def _first_line_of_failure(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "failed"
@@ -156,12 +166,7 @@ def bench_handoff(quick: bool) -> dict[str, Any]:
         "notes": [f"median time from send() start to the consumer's wait() returning with the bytes, two processes, "
                   f"{layers} layers; repetitions per size: " + ", ".join(f"{k} {v}" for k, v in reps.items())],
     }
-    if skipped:
-        out["notes"].append("not available here, skipped: " + ", ".join(sorted(skipped)))
-    if errors:
-        out["transport_errors"] = errors
-        raise _PartialFailure(out, "; ".join(f"{n}: {_first_line_of_failure(e)}" for n, e in errors.items()))
-    return out
+    return _with_skips_and_errors(out, skipped, errors)
 
 
 def bench_prefix_reuse(quick: bool) -> dict[str, Any]:
@@ -206,12 +211,7 @@ def bench_prefix_reuse(quick: bool) -> dict[str, Any]:
                      f"{w.suffix_tokens.replace(',', '-')} unique tokens, {w.layers} layers, "
                      f"{common.fmt_bytes(KVSpec(**w.spec).block_bytes)} blocks; the pool's consumer still copies "
                      f"every block out of the pool"]}
-    if skipped:
-        out["notes"].append("not available here, skipped: " + ", ".join(sorted(skipped)))
-    if errors:
-        out["transport_errors"] = errors
-        raise _PartialFailure(out, "; ".join(f"{n}: {_first_line_of_failure(e)}" for n, e in errors.items()))
-    return out
+    return _with_skips_and_errors(out, skipped, errors)
 
 
 class _PartialFailure(Exception):

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-from ..demo import Request, make_workload, percentile, plot
+from ..demo import Request, make_workload, ms_columns, percentile, plot, print_table
 from .engines import Engine, EngineError
 
 MODES = ("pool", "nixl", "recompute")
@@ -308,16 +308,14 @@ def main(args: argparse.Namespace, python: str) -> int:
     ref = {r["rid"]: r["tokens"] for r in ref_run["results"]} if ref_run and not ref_run["error"] else {}
     summaries = [summarize(r, ref, args.block_tokens) for r in reports if not r["error"]]
     print()
-    hdr = (f"{'mode':10s} {'reqs':>5s} {'tokens =':>9s} {'hit rate':>9s} {'TTFT p50':>10s} {'TTFT p99':>10s} "
-           f"{'prefill p50':>12s} {'handoff p50':>12s} {'handoff p99':>12s} {'TPOT p50':>9s} {'TPOT p99':>9s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for s in summaries:
-        print(f"{s['transport']:10s} {s['requests']:5d} {s['tokens_identical']:>4d}/{s['requests']:<4d} "
-              f"{100 * s['prefix_hit_rate']:8.1f}% {s['ttft_ms_p50']:8.1f}ms {s['ttft_ms_p99']:8.1f}ms "
-              f"{s['prefill_ms_p50']:10.1f}ms {s['handoff_ms_p50']:10.1f}ms {s['handoff_ms_p99']:10.1f}ms "
-              f"{s['tpot_ms_p50']:7.1f}ms "
-              f"{s['tpot_ms_p99']:7.1f}ms")
+    print_table(summaries, [
+        ("mode", 10, lambda s: s["transport"]),
+        ("reqs", 5, lambda s: str(s["requests"])),
+        ("tokens =", 9, lambda s: f"{s['tokens_identical']}/{s['requests']}"),
+        ("hit rate", 9, lambda s: f"{100 * s['prefix_hit_rate']:.1f}%"),
+        *ms_columns(["ttft_ms_p50", "ttft_ms_p99", "prefill_ms_p50", "handoff_ms_p50", "handoff_ms_p99",
+                     "tpot_ms_p50", "tpot_ms_p99"]),
+    ])
     print("TTFT = arrival -> first token from the decode engine; prefill = arrival -> the prefill engine is done "
           "(queueing included); handoff = prefill done -> first decode token (KV transfer plus one decode step); "
           "hit rate = prompt tokens the prefill engine took from a cache")
