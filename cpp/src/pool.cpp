@@ -249,6 +249,10 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->pid_ = uint32_t(getpid());
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
+  if (p->noncoherent()) {
+    p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
+    p->lock_.join();
+  }
   p->attach_member();
   g_timer.load(std::memory_order_relaxed)->add(p.get());
   p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
@@ -289,16 +293,98 @@ bool Pool::still_member() const {
   return member(slot_)->ctl.load(std::memory_order_acquire) == word::member(kMemberAlive, epoch_, pid_);
 }
 
+bool Pool::enter_exclusive() const {
+  if (!noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
+  lock_mu_.lock();
+  if (lock_depth_++ == 0) {
+    try {
+      if (lock_.lock()) write_back_metadata();
+    } catch (...) {
+      --lock_depth_;
+      lock_mu_.unlock();
+      throw;
+    }
+    // The control page's hot words may have been written by another host.
+    Control* c = ctl();
+    visibility::invalidate_range(&c->free_hint, 64);
+    visibility::invalidate_range(&c->clock_hand, 64);
+    visibility::invalidate_range(&c->channel_event, 64);
+    visibility::invalidate_range(c->retired, sizeof c->retired);
+  }
+  return true;
+}
+
+void Pool::leave_exclusive() const noexcept {
+  if (--lock_depth_ == 0 && map_.base()) {
+    // Write back what this operation may have changed on the control page and in
+    // our own counters (the other lines are written back where they are written).
+    Control* c = ctl();
+    visibility::flush_range(&c->free_hint, 64);
+    visibility::flush_range(&c->clock_hand, 64);
+    visibility::flush_range(&c->channel_event, 64);
+    visibility::flush_range(c->retired, sizeof c->retired);
+    auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
+    visibility::flush_range(mine->counters, sizeof mine->counters);
+    lock_.unlock();
+  }
+  lock_mu_.unlock();
+}
+
+void Pool::write_back_metadata() const noexcept {
+  // A process of this host died holding the lock: its stores may still sit
+  // dirty in this host's cache.  Write every metadata line back now, before any
+  // other host reads them, so they cannot land later over newer writes.
+  visibility::flush_range(map_.base() + ctl_off_, data_off_ - ctl_off_);
+}
+
+void Pool::debug_hold_lock() {
+  if (!noncoherent()) raise(ErrorCode::kInvalidHandle, "debug_hold_lock: the pool is coherent and has no lock");
+  ensure_open();
+  (void)enter_exclusive();  // never left
+}
+
+LockStats Pool::lock_stats() const {
+  LockStats st;
+  if (!noncoherent()) return st;
+  std::lock_guard<std::recursive_mutex> lk(lock_mu_);
+  st.acquisitions = lock_.acquisitions();
+  st.takeovers = lock_.takeovers();
+  st.hosts_skipped = lock_.hosts_skipped();
+  st.host_line = lock_.line();
+  return st;
+}
+
 void Pool::heartbeat() noexcept {
-  if (!map_.base() || !still_member()) return;  // never beat for a slot that is no longer ours
+  if (!map_.base()) return;
   uint64_t now = realtime_ns();
   uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
+  if (noncoherent()) {
+    if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return;
+    lock_.beat();  // the host's liveness, on its own line: no lock needed
+    if (now - last < 100'000'000ull && now >= last) return;
+    // The member's heartbeat shares a line with its control word, which a
+    // recoverer may write: under the lock.  If another thread of this handle is
+    // inside an operation, it beats there.
+    std::unique_lock<std::recursive_mutex> lk(lock_mu_, std::try_to_lock);
+    if (!lk.owns_lock()) return;
+    try {
+      Exclusive g(this);
+      if (!still_member()) return;
+      last_heartbeat_.store(now, std::memory_order_relaxed);
+      member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
+      flush(member(slot_), 64);
+    } catch (...) {
+    }
+    return;
+  }
+  if (!still_member()) return;  // never beat for a slot that is no longer ours
   if (now - last < 100'000'000ull && now >= last) return;
   last_heartbeat_.store(now, std::memory_order_relaxed);
   member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
-  if (coherence_ == Coherence::kNoncoherent) flush(member(slot_), 64);
 }
 
+// Counters live on lines only their member writes (a recoverer only after the
+// member is dead); in noncoherent mode they are written back when the lock is left.
 void Pool::add_counter(Counter c, uint64_t v) noexcept {
   if (v && map_.base()) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
 }
@@ -338,6 +424,7 @@ void Pool::attach_member() {
   // recovers each dead member; so attach first, then recover.  The last slot is
   // kept for a process that finds every other slot taken: it attaches there,
   // recovers the dead, leaves, and tries again.
+  Exclusive g(this);
   uint64_t start = process_start_time(pid_);
   const uint32_t spare = max_members_ - 1;
   for (int attempt = 0; attempt < 3; ++attempt) {
@@ -403,6 +490,7 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
 }
 
 RecoveryReport Pool::recover() {
+  Exclusive g(this);
   ensure_usable();
   return do_recover();
 }
@@ -420,14 +508,19 @@ RecoveryReport Pool::do_recover() {
     if (!member_dead(s, c)) continue;
     if (st == kMemberClaiming) {
       // A process that died while attaching holds nothing yet.
-      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_acq_rel))
+      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_acq_rel)) {
+        flush(&m->ctl, 8);
         ++rep.members_recovered;
+      }
       continue;
     }
     // SYNC POINT: recovery-claim.  Exactly one live process moves the slot to
     // RECOVERING(by me); a dead recoverer's claim is taken over the same way.
     uint64_t claimed = word::member(kMemberRecovering, word::member_epoch(c), me);
-    if (m->ctl.cas(c, claimed, std::memory_order_acq_rel)) mine.push_back(s);
+    if (m->ctl.cas(c, claimed, std::memory_order_acq_rel)) {
+      flush(&m->ctl, 8);
+      mine.push_back(s);
+    }
   }
   if (mine.empty()) return rep;
   uint64_t mask[2] = {0, 0};
@@ -462,6 +555,7 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
       uint64_t o = word::owner(s);
       if (o >= 128 || !(mask[o / 64] & (1ull << (o % 64)))) break;
       remove_entry(i, word::gen(s));
+      write_back_block(i);  // a dead writer of this host may have left them dirty in our cache
       if (sw.cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_acq_rel)) {
         flush(&sw, 8);
         ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
@@ -473,6 +567,7 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
     for (int w = 0; w < 2; ++w) {
       if (!mask[w]) continue;
       uint64_t had = d.pin_mask[w].fetch_and(~mask[w], std::memory_order_acq_rel);
+      if (had & mask[w]) flush(&d.pin_mask[w], 8);
       rep.pins_dropped += uint64_t(__builtin_popcountll(had & mask[w]));
     }
   }
@@ -480,22 +575,33 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
 
 void Pool::retire_counters(uint32_t s) {
   MemberSlot* m = member(s);
+  fresh(m->counters, sizeof m->counters);
   for (uint32_t c = 0; c < kCounterCount; ++c) {
     uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
     if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
   }
+  flush(m->counters, sizeof m->counters);
 }
 
 void Pool::close() {
   if (!map_.base()) return;
   g_timer.load(std::memory_order_relaxed)->remove(this);
-  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_ || !still_member()) {
-    // A forked child: the parent still owns the member slot.  A handle declared
-    // dead: its slot was recovered and may be someone else's now.  Either way
-    // touch nothing shared; just drop the mapping.
-    map_.unmap();
-    return;
+  if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
+    try {
+      Exclusive g(this);
+      leave_pool();
+    } catch (...) {
+      // Only the noncoherent lock can fail here (this host lost its lock line):
+      // leave without touching shared memory; recovery reclaims the slot.
+    }
   }
+  // A forked child touches nothing shared: the parent still owns the member slot.
+  map_.unmap();
+}
+
+void Pool::leave_pool() {
+  // A handle declared dead: its slot was recovered and may be someone else's now.
+  if (!still_member()) return;
   // Leaving is what recovery does for a dead member, done by the member itself.
   uint64_t mine[2] = {0, 0};
   mine[slot_ / 64] = 1ull << (slot_ % 64);
@@ -510,7 +616,6 @@ void Pool::close() {
   uint64_t c = word::member(kMemberAlive, epoch_, pid_);
   m->ctl.cas(c, word::member(kMemberFree, epoch_, 0), std::memory_order_release);
   flush(&m->ctl, 8);
-  map_.unmap();
 }
 
 void Pool::abandon() noexcept {
@@ -521,6 +626,7 @@ void Pool::abandon() noexcept {
 
 std::vector<MemberInfo> Pool::members() const {
   std::vector<MemberInfo> out;
+  Exclusive g(this);
   ensure_open();
   for (uint32_t s = 0; s < max_members_; ++s) {
     const MemberSlot* m = member(s);
@@ -543,6 +649,7 @@ std::vector<MemberInfo> Pool::members() const {
 }
 
 Stats Pool::stats() const {
+  Exclusive g(this);
   ensure_open();
   Stats st;
   st.total = nblocks_;
@@ -564,6 +671,7 @@ Stats Pool::stats() const {
     uint64_t c = m->ctl.load(std::memory_order_acquire);
     if (word::member_status(c) == kMemberFree) continue;
     if (word::member_status(c) == kMemberAlive) ++st.members;
+    fresh(m->counters, sizeof m->counters);
     for (uint32_t k = 0; k < kCounterCount; ++k) st.counters[k] += m->counters[k].load(std::memory_order_relaxed);
   }
   return st;
