@@ -125,7 +125,7 @@ void Pool::release_claims(const uint64_t* handles, size_t n) noexcept {
 }
 
 void Pool::alloc(size_t n, bool evict, uint64_t* out) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   if (n == 0) return;
@@ -179,7 +179,7 @@ void Pool::check_handle_owned(uint64_t h, uint64_t expect_kind, const char* what
 }
 
 void Pool::free(const uint64_t* handles, size_t n) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   std::vector<uint64_t> seen(handles, handles + n);
@@ -203,7 +203,7 @@ void Pool::free(const uint64_t* handles, size_t n) {
 }
 
 uint8_t* Pool::writable_block(uint64_t h) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   check_handle_owned(h, kWriting, "block_view");
   return block_data(word::handle_index(h));

@@ -160,8 +160,8 @@ void HostLock::wait_turn(uint32_t j, uint64_t mine) {
       ++skipped_;  // a dead host: whatever it holds, it no longer competes
       return;
     }
-    if (l.choosing.load(std::memory_order_acquire)) continue;
-    const uint64_t t = l.ticket.load(std::memory_order_acquire);
+    if (l.choosing.load(std::memory_order_seq_cst)) continue;
+    const uint64_t t = l.ticket.load(std::memory_order_seq_cst);
     if (t == 0 || t > mine || (t == mine && j > me)) return;
   }
 }
@@ -189,20 +189,20 @@ bool HostLock::lock() {
       break;
     }
   }
-  // Tier 2: the bakery among hosts.  The dead holder we took over from may have
-  // left a number behind; start clean.
-  l.choosing.store(1, std::memory_order_relaxed);
+  // Tier 2: the bakery among hosts (seq_cst: the bakery needs every store to be
+  // ordered before the loads that follow it; on x86 invalidate_range fences too).
+  l.choosing.store(1, std::memory_order_seq_cst);
   publish(&l);
   uint64_t top = 0;
   for (uint32_t j = 0; j < kLockHosts; ++j) {
     if (j == me) continue;
     fresh(&host(j));
-    if (host(j).host_id.load(std::memory_order_acquire) != 0) top = std::max(top, host(j).ticket.load(std::memory_order_acquire));
+    if (host(j).host_id.load(std::memory_order_acquire) != 0) top = std::max(top, host(j).ticket.load(std::memory_order_seq_cst));
   }
   const uint64_t mine = top + 1;
-  l.ticket.store(mine, std::memory_order_relaxed);
+  l.ticket.store(mine, std::memory_order_seq_cst);
   publish(&l);
-  l.choosing.store(0, std::memory_order_release);
+  l.choosing.store(0, std::memory_order_seq_cst);
   publish(&l);
   for (uint32_t j = 0; j < kLockHosts; ++j)
     if (j != me) wait_turn(j, mine);
@@ -214,7 +214,7 @@ void HostLock::unlock() noexcept {
   const uint32_t me = line();
   if (me >= kLockHosts) return;
   HostLine& l = host(me);
-  l.ticket.store(0, std::memory_order_release);
+  l.ticket.store(0, std::memory_order_seq_cst);
   publish(&l);
   uint64_t cur = token_;
   l.local.cas(cur, 0, std::memory_order_release);

@@ -136,7 +136,7 @@ void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
 }
 
 size_t Pool::match(const uint8_t* keys, size_t n) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   Found f;
@@ -149,7 +149,7 @@ size_t Pool::match(const uint8_t* keys, size_t n) {
 }
 
 size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   std::vector<size_t> missing;
@@ -216,7 +216,7 @@ void Pool::commit(const uint64_t* handles, size_t n) {
 }
 
 void Pool::abort_writes(const uint64_t* handles, size_t n) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "abort");
   for (size_t j = 0; j < n; ++j) remove_entry(word::handle_index(handles[j]), word::handle_gen(handles[j]));
@@ -274,7 +274,7 @@ void Pool::unpin(uint64_t i) noexcept {
 size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
   size_t got = 0;
   {
-    Exclusive g(this);
+    Exclusive ex(this);
     ensure_usable();
     heartbeat();
     Found f;
@@ -313,7 +313,7 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
 
 void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_open();
   std::lock_guard<std::mutex> lk(pin_mu_);
   if (!still_member()) {
@@ -337,7 +337,7 @@ void Pool::release(const uint64_t* handles, size_t n) {
 }
 
 const uint8_t* Pool::pinned_block(uint64_t h) {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   const uint64_t i = word::handle_index(h);
   std::lock_guard<std::mutex> lk(pin_mu_);
@@ -350,7 +350,7 @@ const uint8_t* Pool::pinned_block(uint64_t h) {
 
 void Pool::copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride) {
   {
-    Exclusive g(this);
+    Exclusive ex(this);
     ensure_usable();
     for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
   }

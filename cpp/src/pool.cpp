@@ -368,7 +368,7 @@ void Pool::heartbeat() noexcept {
     std::unique_lock<std::recursive_mutex> lk(lock_mu_, std::try_to_lock);
     if (!lk.owns_lock()) return;
     try {
-      Exclusive g(this);
+      Exclusive ex(this);
       if (!still_member()) return;
       last_heartbeat_.store(now, std::memory_order_relaxed);
       member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
@@ -424,7 +424,7 @@ void Pool::attach_member() {
   // recovers each dead member; so attach first, then recover.  The last slot is
   // kept for a process that finds every other slot taken: it attaches there,
   // recovers the dead, leaves, and tries again.
-  Exclusive g(this);
+  Exclusive ex(this);
   uint64_t start = process_start_time(pid_);
   const uint32_t spare = max_members_ - 1;
   for (int attempt = 0; attempt < 3; ++attempt) {
@@ -490,7 +490,7 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
 }
 
 RecoveryReport Pool::recover() {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_usable();
   return do_recover();
 }
@@ -588,7 +588,7 @@ void Pool::close() {
   g_timer.load(std::memory_order_relaxed)->remove(this);
   if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
     try {
-      Exclusive g(this);
+      Exclusive ex(this);
       leave_pool();
     } catch (...) {
       // Only the noncoherent lock can fail here (this host lost its lock line):
@@ -626,7 +626,7 @@ void Pool::abandon() noexcept {
 
 std::vector<MemberInfo> Pool::members() const {
   std::vector<MemberInfo> out;
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_open();
   for (uint32_t s = 0; s < max_members_; ++s) {
     const MemberSlot* m = member(s);
@@ -649,7 +649,7 @@ std::vector<MemberInfo> Pool::members() const {
 }
 
 Stats Pool::stats() const {
-  Exclusive g(this);
+  Exclusive ex(this);
   ensure_open();
   Stats st;
   st.total = nblocks_;
