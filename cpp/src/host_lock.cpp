@@ -41,6 +41,11 @@ void HostLock::init(Control* ctl, uint64_t host_id, uint64_t lease_ns, uint32_t 
   token_ = (uint64_t(pid) << 32) | t;
 }
 
+uint32_t HostLock::lines_used() const noexcept {
+  fresh(&ctl_->join);
+  return uint32_t(std::min<uint64_t>(ctl_->join.lines_used.load(std::memory_order_seq_cst), kLockHosts));
+}
+
 bool HostLock::stale(uint64_t hb, uint64_t now) const noexcept { return now > hb && now - hb > lease_ns_; }
 
 bool HostLock::local_holder_dead(uint64_t holder) const {
@@ -68,7 +73,7 @@ void HostLock::pause(uint32_t& spins) noexcept {
   } else if (spins < 256) {
     sched_yield();
   } else {
-    std::this_thread::sleep_for(std::chrono::microseconds(spins < 1024 ? 20 : 200));
+    std::this_thread::sleep_for(std::chrono::microseconds(spins < 1024 ? 10 : 50));
   }
   if ((spins & 63) == 0) beat();  // a waiter must not look dead to other hosts
 }
@@ -135,6 +140,7 @@ void HostLock::join() {
       l.heartbeat_ns.store(t, std::memory_order_relaxed);
       l.host_id.store(host_id_, std::memory_order_release);
       publish(&l);
+      if (jl.lines_used.load(std::memory_order_relaxed) < pick + 1) jl.lines_used.store(pick + 1, std::memory_order_seq_cst);
     }
     uint64_t expect = token_;
     jl.owner.cas(expect, 0, std::memory_order_release);
@@ -191,10 +197,12 @@ bool HostLock::lock() {
   }
   // Tier 2: the bakery among hosts (seq_cst: the bakery needs every store to be
   // ordered before the loads that follow it; on x86 invalidate_range fences too).
+  // Only lines ever claimed take part.  A host that claims a line after our
+  // first look is seen by the second (after our doorway), as the bakery needs.
   l.choosing.store(1, std::memory_order_seq_cst);
   publish(&l);
   uint64_t top = 0;
-  for (uint32_t j = 0; j < kLockHosts; ++j) {
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
     if (j == me) continue;
     fresh(&host(j));
     if (host(j).host_id.load(std::memory_order_acquire) != 0) top = std::max(top, host(j).ticket.load(std::memory_order_seq_cst));
@@ -204,7 +212,7 @@ bool HostLock::lock() {
   publish(&l);
   l.choosing.store(0, std::memory_order_seq_cst);
   publish(&l);
-  for (uint32_t j = 0; j < kLockHosts; ++j)
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j)
     if (j != me) wait_turn(j, mine);
   ++acquisitions_;
   return took_over;

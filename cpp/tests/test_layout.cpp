@@ -153,6 +153,7 @@ TEST(LayoutPins, Control) {
   PIN(offsetof(JoinLine, since_ns), 8);
   PIN(offsetof(JoinLine, host_id), 16);
   PIN(offsetof(JoinLine, pid), 24);
+  PIN(offsetof(JoinLine, lines_used), 32);
   PIN(offsetof(Control, hosts), 1280);
   PIN(kLockHosts, 16);
   PIN(sizeof(HostLine), 128);

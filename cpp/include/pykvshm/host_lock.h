@@ -41,6 +41,7 @@ class HostLock {
  private:
   layout::HostLine& host(uint32_t j) const { return ctl_->hosts[j]; }
   bool stale(uint64_t heartbeat_ns, uint64_t now) const noexcept;
+  uint32_t lines_used() const noexcept;
   bool local_holder_dead(uint64_t holder) const;
   bool join_stale(uint64_t now) const;
   void wait_turn(uint32_t j, uint64_t mine);

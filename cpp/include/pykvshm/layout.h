@@ -146,7 +146,8 @@ struct alignas(128) JoinLine {
   Atomic64 since_ns;  // 8   CLOCK_REALTIME of the claim
   Atomic64 host_id;   // 16  claimant's host
   Atomic64 pid;       // 24  claimant's pid (same-host claimants check it for liveness)
-  uint8_t pad[96];
+  Atomic64 lines_used;  // 32  host lines ever claimed (lines are taken lowest first): the bakery scans these
+  uint8_t pad[88];
 };
 static_assert(sizeof(JoinLine) == 128);
 
