@@ -89,6 +89,16 @@ void HostLock::beat() noexcept {
   publish(&host(me));
 }
 
+bool HostLock::host_beating(uint64_t host_id) const noexcept {
+  const uint64_t now = realtime_ns();
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
+    fresh(&host(j));
+    if (host(j).host_id.load(std::memory_order_acquire) == host_id)
+      return !stale(host(j).heartbeat_ns.load(std::memory_order_relaxed), now);
+  }
+  return false;
+}
+
 void HostLock::join() {
   JoinLine& jl = ctl_->join;
   for (uint32_t spins = 0;;) {

@@ -467,7 +467,12 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
         return false;
       }
       uint64_t hb = m->heartbeat_ns.load(std::memory_order_acquire);
-      return now > hb && now - hb > lease_ns_;
+      if (!(now > hb && now - hb > lease_ns_)) return false;
+      // Noncoherent pools: a member of a host that still beats its lock line is
+      // left to that host's own processes (they check its pid, and only they can
+      // write back what it left dirty in their cache).  Its own beat may be late
+      // because it waited long for the lock.
+      return !(noncoherent() && lock_.host_beating(host));
     }
     case kMemberRecovering: {
       uint32_t r = word::recoverer_slot(word::member_payload(c));

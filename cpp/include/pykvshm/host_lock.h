@@ -32,6 +32,8 @@ class HostLock {
   bool lock();
   void unlock() noexcept;
   void beat() noexcept;  // refresh this host's heartbeat (any thread, any time after join)
+  // Whether some process of host `host_id` beat its line within the lease.
+  bool host_beating(uint64_t host_id) const noexcept;
 
   uint32_t line() const noexcept { return line_.load(std::memory_order_relaxed); }
   uint64_t acquisitions() const noexcept { return acquisitions_; }
