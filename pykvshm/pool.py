@@ -97,7 +97,9 @@ class Pool:
         asks for 2 MiB pages (a hugetlbfs path always has them); ``numa_node`` binds
         the memory to a NUMA node (CXL memory is a CPU-less node); ``coherence``
         is ``"coherent"`` (one host, or CXL 3.x) or ``"noncoherent"`` (CXL 2.0
-        memory shared by several hosts); ``checksums`` stores a CRC32C per block and
+        memory shared by several hosts, at most 16: metadata changes then run under
+        a pool lock and every line is written back or invalidated, see
+        docs/design/coherence.md); ``checksums`` stores a CRC32C per block and
         verifies it on acquire; ``lease`` is the seconds after which a silent member
         of another host is considered dead.
         """
