@@ -112,3 +112,36 @@ def test_flushes_and_invalidations_per_operation(pool_name: str, spec: pykvshm.K
     # A reader writes back only the lock's line (4 times: choosing, ticket, choosing, release), the
     # control page's hot lines (5) and its own counters (2).
     assert nc["match(4)"][0] <= 11 and nc["copy_to(4)"][0] <= 11
+
+
+def _transfer_in_one_process(pool: pykvshm.Pool) -> None:
+    from pykvshm.transfer import TransferConsumer, TransferProducer
+
+    spec = pool.spec
+    keys = pykvshm.block_keys(np.arange(3 * spec.block_tokens), spec.block_tokens, salt=b"transfer-count")
+    data = blocks_for_keys(keys, spec)
+    tx = TransferProducer(pool, "req-count", keys)
+    for layer in range(spec.num_layers):
+        tx.put_layer(layer, np.ascontiguousarray(data[:, layer]))
+    with TransferConsumer(pool, "req-count", timeout=10) as rx:
+        out = np.empty((3, *spec.block_shape), dtype=spec.np_dtype)
+        rx.read_all(out)
+    tx.finish()
+    assert np.array_equal(out.view(np.uint16), data.view(np.uint16))
+
+
+def test_transfers_flush_only_when_noncoherent(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    with pykvshm.Pool.create(pool_name + "-c", spec=spec, capacity="4MiB") as pool:
+        try:
+            f0, i0 = _core.lines_flushed(), _core.lines_invalidated()
+            _transfer_in_one_process(pool)
+            assert (_core.lines_flushed(), _core.lines_invalidated()) == (f0, i0)
+            assert pool._core.lock_stats()["acquisitions"] == 0
+        finally:
+            pykvshm.Pool.destroy(pool_name + "-c")
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="4MiB", coherence="noncoherent") as pool:
+        f0, i0 = _core.lines_flushed(), _core.lines_invalidated()
+        _transfer_in_one_process(pool)
+        lines_per_block = -(-spec.block_bytes // 64)
+        assert _core.lines_flushed() - f0 >= 3 * lines_per_block  # every layer written back before `ready` moves
+        assert _core.lines_invalidated() - i0 >= 3 * lines_per_block  # and invalidated before it is read
