@@ -15,6 +15,7 @@
 #include <cstring>
 #include <thread>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <sstream>
 
@@ -28,6 +29,35 @@ using namespace layout;
 namespace {
 
 std::atomic<uint64_t> g_fork_gen{0};
+
+// Noncoherent pools: the metadata lines this thread has invalidated during its
+// current hold of a pool's lock.  While the lock is held no other host writes
+// metadata, so each line needs invalidating once per hold, not once per read
+// (an allocation scan reads 8 state words per line).  Tagged with the hold's
+// number, so a new hold needs no clearing.
+struct HeldLines {
+  static constexpr size_t kSlots = 4096;  // power of two
+  static constexpr uint32_t kProbe = 8;
+  const Pool* pool = nullptr;
+  uint32_t hold = 0;
+  uintptr_t line[kSlots] = {};
+  uint32_t tag[kSlots] = {};
+  // True when `a` was not yet invalidated in this hold (and is now remembered,
+  // unless its neighbourhood is full).
+  bool first_time(uintptr_t a) noexcept {
+    size_t h = size_t(word::mix64(a)) & (kSlots - 1);
+    for (uint32_t d = 0; d < kProbe; ++d, h = (h + 1) & (kSlots - 1)) {
+      if (tag[h] != hold) {
+        tag[h] = hold;
+        line[h] = a;
+        return true;
+      }
+      if (line[h] == a) return false;
+    }
+    return true;
+  }
+};
+thread_local HeldLines t_held;
 
 // One light timer thread per process keeps the heartbeats of its open pools
 // fresh while the process is idle (members of other hosts judge liveness by the
@@ -70,6 +100,7 @@ std::atomic<HeartbeatTimer*> g_timer{new HeartbeatTimer()};
 
 void on_fork_child() {
   g_fork_gen.fetch_add(1, std::memory_order_relaxed);
+  t_held.pool = nullptr;  // the child holds no pool lock
   // The child has no timer thread and the parent's mutex may be held: start afresh.
   g_timer.store(new HeartbeatTimer(), std::memory_order_relaxed);
 }
@@ -304,6 +335,11 @@ bool Pool::enter_exclusive() const {
       lock_mu_.unlock();
       throw;
     }
+    t_held.pool = this;
+    if (++t_held.hold == 0) {  // the tags wrapped: forget them all
+      std::fill(std::begin(t_held.tag), std::end(t_held.tag), 0u);
+      t_held.hold = 1;
+    }
     // The control page's hot words may have been written by another host.
     Control* c = ctl();
     visibility::invalidate_range(&c->free_hint, 64);
@@ -325,9 +361,20 @@ void Pool::leave_exclusive() const noexcept {
     visibility::flush_range(c->retired, sizeof c->retired);
     auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
     visibility::flush_range(mine->counters, sizeof mine->counters);
+    t_held.pool = nullptr;
     lock_.unlock();
   }
   lock_mu_.unlock();
+}
+
+void Pool::refresh(const void* p, size_t n) const noexcept {
+  if (t_held.pool != this) {  // outside the lock: every read invalidates
+    visibility::invalidate_range(p, n);
+    return;
+  }
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    if (t_held.first_time(a)) visibility::invalidate_range(reinterpret_cast<const void*>(a), 64);
 }
 
 void Pool::write_back_metadata() const noexcept {

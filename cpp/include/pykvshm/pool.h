@@ -203,8 +203,9 @@ class Pool {
   }
   // Invalidate before reading what another host may have written (noncoherent only).
   void fresh(const void* p, size_t n) const noexcept {
-    if (noncoherent()) visibility::invalidate_range(p, n);
+    if (noncoherent()) refresh(p, n);
   }
+  void refresh(const void* p, size_t n) const noexcept;
   void attach_member();
   bool claim_slot(uint32_t slot, uint64_t start_time);
   RecoveryReport do_recover();
