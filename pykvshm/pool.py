@@ -144,7 +144,9 @@ class Pool:
         device DAX (``/dev/daxX.Y``) the pool takes the whole device and ``capacity``
         is ignored.  ``coherence``
         is ``"coherent"`` (one host, or CXL 3.x) or ``"noncoherent"`` (CXL 2.0
-        memory shared by several hosts); ``checksums`` stores a CRC32C per block and
+        memory shared by several hosts, at most 16: metadata changes then run under
+        a pool lock and every line is written back or invalidated, see
+        docs/design/coherence.md); ``checksums`` stores a CRC32C per block and
         verifies it on acquire; ``lease`` is the seconds after which a silent member
         of another host is considered dead.
         """

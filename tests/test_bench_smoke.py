@@ -77,3 +77,20 @@ def test_prefix_reuse_quick(tmp_path: Path) -> None:
     assert pool["cached_blocks"] > 0
     assert pool["bytes_moved"] < tcp["bytes_moved"] == tcp["bytes_requested"]
     assert len(report["results"]["pool"]["requests"]) == report["config"]["requests"]
+
+
+def test_coherence_quick(tmp_path: Path) -> None:
+    out = tmp_path / "coherence.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "coherence.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "coherence"
+    for mode in ("coherent", "noncoherent"):
+        r = report["throughput"]["256KiB"][mode]
+        assert r["publish_gbps"] > 0 and r["acquire_copy_gbps"] > 0
+        assert report["latency"][mode]["match_128_keys_us"] > 0
+        assert report["alloc"][mode]["1proc_batch64_block_ops_per_s"] > 0
+    # the coherent pool writes nothing back; the noncoherent one writes back at least its bytes
+    assert report["throughput"]["256KiB"]["coherent"]["bytes_written_back_per_byte"] == 0
+    assert report["throughput"]["256KiB"]["noncoherent"]["bytes_written_back_per_byte"] >= 1

@@ -7,15 +7,29 @@ import random
 import time
 
 import numpy as np
+import pytest
 
 import pykvshm
 from pykvshm.testing import blocks_for_keys, count_wrong_blocks, verify_block
 
 CTX = mp.get_context("fork")
 
+# Every test runs on a coherent pool and on a noncoherent one.  In the noncoherent
+# runs half of the workers pretend to be on another host (their own host id, so
+# their own line in the pool lock's bakery): the cross-host path is exercised
+# even though this machine is coherent.
+COHERENCE = pytest.mark.parametrize("coherence", ["coherent", "noncoherent"])
+OTHER_HOST = 0x0C0FFEE
 
-def _alloc_worker(name: str, me: int, barrier, owners, seconds: float, errors, ops) -> None:
-    pool = pykvshm.Pool.open(name)
+
+def _open(name: str, coherence: str, me: int) -> pykvshm.Pool:
+    if coherence == "noncoherent" and me % 2:
+        return pykvshm.Pool.open(name, host_id=OTHER_HOST)
+    return pykvshm.Pool.open(name)
+
+
+def _alloc_worker(name: str, coherence: str, me: int, barrier, owners, seconds: float, errors, ops) -> None:
+    pool = _open(name, coherence, me)
     rng = random.Random(me)
     barrier.wait()
     held: list[int] = []
@@ -63,16 +77,17 @@ def _alloc_worker(name: str, me: int, barrier, owners, seconds: float, errors, o
         pool.close()
 
 
-def test_concurrent_alloc_free_never_double_hands(pool_name: str) -> None:
+@COHERENCE
+def test_concurrent_alloc_free_never_double_hands(pool_name: str, coherence: str) -> None:
     spec = pykvshm.KVSpec(1, 1, 16, 16, "float16")  # 512-byte blocks
     procs_n, seconds = 4, 3.0
-    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB") as pool:
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB", coherence=coherence) as pool:
         n = pool.num_blocks
         owners = CTX.Array("i", n)
         errors = CTX.Value("i", 0)
         ops = CTX.Value("q", 0)
         barrier = CTX.Barrier(procs_n)
-        procs = [CTX.Process(target=_alloc_worker, args=(pool_name, i + 1, barrier, owners, seconds, errors, ops))
+        procs = [CTX.Process(target=_alloc_worker, args=(pool_name, coherence, i + 1, barrier, owners, seconds, errors, ops))
                  for i in range(procs_n)]
         for p in procs:
             p.start()
@@ -86,8 +101,8 @@ def test_concurrent_alloc_free_never_double_hands(pool_name: str) -> None:
         assert s["free"] == s["total"] == n and s["writing"] == 0 and s["members"] == 1
 
 
-def _publisher(name: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors) -> None:
-    pool = pykvshm.Pool.open(name)
+def _publisher(name: str, coherence: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors) -> None:
+    pool = _open(name, coherence, me)
     spec = pool.spec
     rng = random.Random(me)
     barrier.wait()
@@ -104,8 +119,9 @@ def _publisher(name: str, me: int, barrier, seconds: float, prompts: int, blocks
     pool.close()
 
 
-def _reader(name: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors, reads) -> None:
-    pool = pykvshm.Pool.open(name)
+def _reader(name: str, coherence: str, me: int, barrier, seconds: float, prompts: int, blocks: int, errors,
+            reads) -> None:
+    pool = _open(name, coherence, me)
     spec = pool.spec
     rng = random.Random(100 + me)
     barrier.wait()
@@ -128,17 +144,18 @@ def _reader(name: str, me: int, barrier, seconds: float, prompts: int, blocks: i
     pool.close()
 
 
-def test_publish_acquire_under_eviction(pool_name: str) -> None:
+@COHERENCE
+def test_publish_acquire_under_eviction(pool_name: str, coherence: str) -> None:
     spec = pykvshm.KVSpec(2, 2, 64, 16, "float16")  # 16 KiB blocks
     prompts, blocks, seconds = 40, 12, 3.0
-    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB") as pool:
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="3MiB", coherence=coherence) as pool:
         assert pool.num_blocks * 4 < prompts * blocks  # the working set is much bigger than the pool
         errors = CTX.Value("i", 0)
         reads = CTX.Value("q", 0)
         barrier = CTX.Barrier(4)
-        procs = [CTX.Process(target=_publisher, args=(pool_name, i, barrier, seconds, prompts, blocks, errors))
+        procs = [CTX.Process(target=_publisher, args=(pool_name, coherence, i, barrier, seconds, prompts, blocks, errors))
                  for i in range(2)]
-        procs += [CTX.Process(target=_reader, args=(pool_name, i, barrier, seconds, prompts, blocks, errors, reads))
+        procs += [CTX.Process(target=_reader, args=(pool_name, coherence, i, barrier, seconds, prompts, blocks, errors, reads))
                   for i in range(2)]
         for p in procs:
             p.start()

@@ -84,6 +84,12 @@ py::dict layout_info() {
   off["control.clock_hand"] = offsetof(Control, clock_hand);
   off["control.attach_seq"] = offsetof(Control, attach_seq);
   off["control.retired"] = offsetof(Control, retired);
+  off["control.join"] = offsetof(Control, join);
+  off["control.hosts"] = offsetof(Control, hosts);
+  off["host_line.ticket"] = offsetof(HostLine, ticket);
+  off["host_line.local"] = offsetof(HostLine, local);
+  off["host_line.heartbeat_ns"] = offsetof(HostLine, heartbeat_ns);
+  off["host_line.choosing"] = offsetof(HostLine, choosing);
   off["member.ctl"] = offsetof(MemberSlot, ctl);
   off["member.start_time"] = offsetof(MemberSlot, start_time);
   off["member.host_id"] = offsetof(MemberSlot, host_id);

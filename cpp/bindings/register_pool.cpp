@@ -137,6 +137,21 @@ void register_pool(py::module_& m) {
       })
       .def("close", &Pool::close, py::call_guard<py::gil_scoped_release>())
       .def("abandon", &Pool::abandon)
+      .def("debug_hold_lock",
+           [](Pool& p) {
+             py::gil_scoped_release rel;
+             p.debug_hold_lock();
+           })
+      .def("lock_stats",
+           [](const Pool& p) {
+             LockStats st = p.lock_stats();
+             py::dict d;
+             d["acquisitions"] = st.acquisitions;
+             d["takeovers"] = st.takeovers;
+             d["hosts_skipped"] = st.hosts_skipped;
+             d["host_line"] = st.host_line;
+             return d;
+           })
       .def_property_readonly("closed", &Pool::closed)
       .def_property_readonly("placement", [](const Pool& p) {
         const Mapping& mp = p.mapping();

@@ -47,6 +47,7 @@ bool Pool::try_evict(uint64_t i, uint64_t* h) {
   if (pins) {
     uint64_t e = evicting;
     sw.cas(e, word::state(g, kSealed, 0), std::memory_order_release);
+    flush(&sw, 8);
     return false;
   }
   remove_entry(i, g);
@@ -97,7 +98,7 @@ uint64_t Pool::scan_evict(size_t want, uint64_t* out, size_t have) {
           break;
         case kSealed:
           if (word::ref(s)) {
-            sw.cas(s, s & ~word::kRefBit, std::memory_order_relaxed);
+            if (sw.cas(s, s & ~word::kRefBit, std::memory_order_relaxed)) flush(&sw, 8);
           } else if (try_evict(i, &out[have + got])) {
             ++got;
           }
@@ -115,6 +116,7 @@ void Pool::release_claims(const uint64_t* handles, size_t n) noexcept {
     uint64_t i = word::handle_index(handles[j]);
     uint32_t g = word::handle_gen(handles[j]);
     uint64_t s = word::state(g, kWriting, slot_);
+    write_back_block(i);
     if (state(i).cas(s, word::state(g, kFree, 0), std::memory_order_release)) {
       flush(&state(i), 8);
       ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
@@ -123,6 +125,7 @@ void Pool::release_claims(const uint64_t* handles, size_t n) noexcept {
 }
 
 void Pool::alloc(size_t n, bool evict, uint64_t* out) {
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   if (n == 0) return;
@@ -176,6 +179,7 @@ void Pool::check_handle_owned(uint64_t h, uint64_t expect_kind, const char* what
 }
 
 void Pool::free(const uint64_t* handles, size_t n) {
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   std::vector<uint64_t> seen(handles, handles + n);
@@ -189,6 +193,7 @@ void Pool::free(const uint64_t* handles, size_t n) {
     uint64_t i = word::handle_index(handles[j]);
     uint32_t g = word::handle_gen(handles[j]);
     uint64_t s = word::state(g, kWriting, slot_);
+    write_back_block(i);
     // SYNC POINT: block-free.  Release pairs with the next claimer's acquire.
     if (!state(i).cas(s, word::state(g, kFree, 0), std::memory_order_release))
       raise(ErrorCode::kCorrupt, "free: block " + std::to_string(i) + " changed state under its owner");
@@ -198,6 +203,7 @@ void Pool::free(const uint64_t* handles, size_t n) {
 }
 
 uint8_t* Pool::writable_block(uint64_t h) {
+  Exclusive ex(this);
   ensure_usable();
   check_handle_owned(h, kWriting, "block_view");
   return block_data(word::handle_index(h));

@@ -18,6 +18,7 @@ namespace pykvshm {
 using namespace layout;
 
 void Pool::check(bool strict) const {
+  Exclusive ex(this);
   ensure_open();
   auto fail = [](const std::string& what) { raise(ErrorCode::kCorrupt, "pool check failed: " + what); };
   uint64_t in_use[2] = {0, 0};

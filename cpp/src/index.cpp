@@ -28,16 +28,11 @@ bool Pool::lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const {
   const uint64_t mask = nslots_ - 1;
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
     const uint64_t pos = (h + d) & mask;
-    if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(&entry(pos), 8);
     const uint64_t e = entry(pos).load(std::memory_order_acquire);
     if (e == kEntryEmpty) return false;
     if (!word::entry_live(e) || word::entry_fp(e) != fp) continue;
     const uint64_t i = word::entry_index(e);
     if (i >= nblocks_) continue;  // a corrupt entry never leads outside the mapping
-    if (coherence_ == Coherence::kNoncoherent) {
-      visibility::invalidate_range(&state(i), 8);
-      visibility::invalidate_range(&desc(i), sizeof(BlockDesc));
-    }
     const uint64_t s1 = state(i).load(std::memory_order_acquire);
     const uint64_t k = word::kind(s1);
     if (!word::entry_gen_matches(e, word::gen(s1))) continue;
@@ -141,6 +136,7 @@ void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
 }
 
 size_t Pool::match(const uint8_t* keys, size_t n) {
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   Found f;
@@ -153,6 +149,7 @@ size_t Pool::match(const uint8_t* keys, size_t n) {
 }
 
 size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   std::vector<size_t> missing;
@@ -194,13 +191,18 @@ size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t
 }
 
 void Pool::commit(const uint64_t* handles, size_t n) {
+  if (noncoherent() && map_.base()) {
+    // The bytes go to the device before the lock is taken; the seal publishes them.
+    for (size_t j = 0; j < n; ++j)
+      if (word::handle_index(handles[j]) < nblocks_) write_back_block(word::handle_index(handles[j]));
+  }
+  Exclusive ex(this);
   ensure_usable();
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "commit");
   for (size_t j = 0; j < n; ++j) {
     const uint64_t i = word::handle_index(handles[j]);
     const uint32_t g = word::handle_gen(handles[j]);
     if (checksums_) desc(i).crc.store(crc32c(block_data(i), geo_.block_bytes), std::memory_order_relaxed);
-    flush(block_data(i), geo_.block_bytes);
     flush(&desc(i), sizeof(BlockDesc));
     uint64_t s = word::state(g, kWriting, slot_);
     // SYNC POINT: block-seal.  The block's bytes, key and checksum happen-before
@@ -214,6 +216,7 @@ void Pool::commit(const uint64_t* handles, size_t n) {
 }
 
 void Pool::abort_writes(const uint64_t* handles, size_t n) {
+  Exclusive ex(this);
   ensure_usable();
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "abort");
   for (size_t j = 0; j < n; ++j) remove_entry(word::handle_index(handles[j]), word::handle_gen(handles[j]));
@@ -249,7 +252,7 @@ bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
   if (word::kind(s) == kSealed && word::gen(s) == g && d.key[0].load(std::memory_order_relaxed) == k0 &&
       d.key[1].load(std::memory_order_relaxed) == k1) {
     pin_count_[i] = 1;
-    if (!word::ref(s)) sw.cas(s, s | word::kRefBit, std::memory_order_relaxed);  // CLOCK: recently used
+    if (!word::ref(s) && sw.cas(s, s | word::kRefBit, std::memory_order_relaxed)) flush(&sw, 8);  // CLOCK: recently used
     return true;
   }
   d.pin_mask[slot_ / 64].fetch_and(~bit, std::memory_order_release);
@@ -269,26 +272,30 @@ void Pool::unpin(uint64_t i) noexcept {
 }
 
 size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
-  ensure_usable();
-  heartbeat();
   size_t got = 0;
-  Found f;
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t k0, k1;
-    load_key(keys, i, &k0, &k1);
-    bool ok = false;
-    for (int attempt = 0; attempt < 2 && !ok; ++attempt) {
-      if (!lookup(k0, k1, true, &f)) break;
-      ok = pin(f.index, f.gen, k0, k1);
+  {
+    Exclusive ex(this);
+    ensure_usable();
+    heartbeat();
+    Found f;
+    for (size_t i = 0; i < n; ++i) {
+      uint64_t k0, k1;
+      load_key(keys, i, &k0, &k1);
+      bool ok = false;
+      for (int attempt = 0; attempt < 2 && !ok; ++attempt) {
+        if (!lookup(k0, k1, true, &f)) break;
+        ok = pin(f.index, f.gen, k0, k1);
+      }
+      if (!ok) break;
+      out[got++] = word::handle(f.gen, f.index);
     }
-    if (!ok) break;
-    out[got++] = word::handle(f.gen, f.index);
   }
+  // The pinned blocks are sealed and cannot change: their bytes are read outside the lock.
   if (checksums_) {
     for (size_t j = 0; j < got; ++j) {
       const uint64_t i = word::handle_index(out[j]);
       const uint8_t* p = block_data(i);
-      if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(p, geo_.block_bytes);
+      fresh(p, geo_.block_bytes);
       if (crc32c(p, geo_.block_bytes) != desc(i).crc.load(std::memory_order_relaxed)) {
         release(out, got);
         add_counter(kCtrChecksumErrors, 1);
@@ -296,8 +303,8 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
                                         ") does not match its checksum: the pool memory was corrupted");
       }
     }
-  } else if (coherence_ == Coherence::kNoncoherent) {
-    for (size_t j = 0; j < got; ++j) visibility::invalidate_range(block_data(word::handle_index(out[j])), geo_.block_bytes);
+  } else if (noncoherent()) {
+    for (size_t j = 0; j < got; ++j) fresh(block_data(word::handle_index(out[j])), geo_.block_bytes);
   }
   add_counter(kCtrHits, got);
   add_counter(kCtrMisses, n - got);
@@ -306,6 +313,7 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
 
 void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
+  Exclusive ex(this);
   ensure_open();
   std::lock_guard<std::mutex> lk(pin_mu_);
   if (!still_member()) {
@@ -329,6 +337,7 @@ void Pool::release(const uint64_t* handles, size_t n) {
 }
 
 const uint8_t* Pool::pinned_block(uint64_t h) {
+  Exclusive ex(this);
   ensure_usable();
   const uint64_t i = word::handle_index(h);
   std::lock_guard<std::mutex> lk(pin_mu_);
@@ -340,8 +349,11 @@ const uint8_t* Pool::pinned_block(uint64_t h) {
 }
 
 void Pool::copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride) {
-  ensure_usable();
-  for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
+  {
+    Exclusive ex(this);
+    ensure_usable();
+    for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
+  }
   for (size_t j = 0; j < n; ++j)
     std::memcpy(dst + j * dst_stride, block_data(word::handle_index(handles[j])), geo_.block_bytes);
   add_counter(kCtrBytesOut, n * geo_.block_bytes);

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <thread>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <sstream>
 
@@ -28,6 +29,35 @@ using namespace layout;
 namespace {
 
 std::atomic<uint64_t> g_fork_gen{0};
+
+// Noncoherent pools: the metadata lines this thread has invalidated during its
+// current hold of a pool's lock.  While the lock is held no other host writes
+// metadata, so each line needs invalidating once per hold, not once per read
+// (an allocation scan reads 8 state words per line).  Tagged with the hold's
+// number, so a new hold needs no clearing.
+struct HeldLines {
+  static constexpr size_t kSlots = 4096;  // power of two
+  static constexpr uint32_t kProbe = 8;
+  const Pool* pool = nullptr;
+  uint32_t hold = 0;
+  uintptr_t line[kSlots] = {};
+  uint32_t tag[kSlots] = {};
+  // True when `a` was not yet invalidated in this hold (and is now remembered,
+  // unless its neighbourhood is full).
+  bool first_time(uintptr_t a) noexcept {
+    size_t h = size_t(word::mix64(a)) & (kSlots - 1);
+    for (uint32_t d = 0; d < kProbe; ++d, h = (h + 1) & (kSlots - 1)) {
+      if (tag[h] != hold) {
+        tag[h] = hold;
+        line[h] = a;
+        return true;
+      }
+      if (line[h] == a) return false;
+    }
+    return true;
+  }
+};
+thread_local HeldLines t_held;
 
 // One light timer thread per process keeps the heartbeats of its open pools
 // fresh while the process is idle (members of other hosts judge liveness by the
@@ -70,6 +100,7 @@ std::atomic<HeartbeatTimer*> g_timer{new HeartbeatTimer()};
 
 void on_fork_child() {
   g_fork_gen.fetch_add(1, std::memory_order_relaxed);
+  t_held.pool = nullptr;  // the child holds no pool lock
   // The child has no timer thread and the parent's mutex may be held: start afresh.
   g_timer.store(new HeartbeatTimer(), std::memory_order_relaxed);
 }
@@ -255,6 +286,10 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->pid_ = uint32_t(getpid());
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
+  if (p->noncoherent()) {
+    p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
+    p->lock_.join();
+  }
   p->attach_member();
   g_timer.load(std::memory_order_relaxed)->add(p.get());
   p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
@@ -295,16 +330,114 @@ bool Pool::still_member() const {
   return member(slot_)->ctl.load(std::memory_order_acquire) == word::member(kMemberAlive, epoch_, pid_);
 }
 
+bool Pool::enter_exclusive() const {
+  if (!noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
+  lock_mu_.lock();
+  if (lock_depth_++ == 0) {
+    try {
+      if (lock_.lock()) write_back_metadata();
+    } catch (...) {
+      --lock_depth_;
+      lock_mu_.unlock();
+      throw;
+    }
+    t_held.pool = this;
+    if (++t_held.hold == 0) {  // the tags wrapped: forget them all
+      std::fill(std::begin(t_held.tag), std::end(t_held.tag), 0u);
+      t_held.hold = 1;
+    }
+    // The control page's hot words may have been written by another host.
+    Control* c = ctl();
+    visibility::invalidate_range(&c->free_hint, 64);
+    visibility::invalidate_range(&c->clock_hand, 64);
+    visibility::invalidate_range(&c->channel_event, 64);
+    visibility::invalidate_range(c->retired, sizeof c->retired);
+  }
+  return true;
+}
+
+void Pool::leave_exclusive() const noexcept {
+  if (--lock_depth_ == 0 && map_.base()) {
+    // Write back what this operation may have changed on the control page and in
+    // our own counters (the other lines are written back where they are written).
+    Control* c = ctl();
+    visibility::flush_range(&c->free_hint, 64);
+    visibility::flush_range(&c->clock_hand, 64);
+    visibility::flush_range(&c->channel_event, 64);
+    visibility::flush_range(c->retired, sizeof c->retired);
+    auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
+    visibility::flush_range(mine->counters, sizeof mine->counters);
+    t_held.pool = nullptr;
+    lock_.unlock();
+  }
+  lock_mu_.unlock();
+}
+
+void Pool::refresh(const void* p, size_t n) const noexcept {
+  if (t_held.pool != this) {  // outside the lock: every read invalidates
+    visibility::invalidate_range(p, n);
+    return;
+  }
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    if (t_held.first_time(a)) visibility::invalidate_range(reinterpret_cast<const void*>(a), 64);
+}
+
+void Pool::write_back_metadata() const noexcept {
+  // A process of this host died holding the lock: its stores may still sit
+  // dirty in this host's cache.  Write every metadata line back now, before any
+  // other host reads them, so they cannot land later over newer writes.
+  visibility::flush_range(map_.base() + ctl_off_, data_off_ - ctl_off_);
+}
+
+void Pool::debug_hold_lock() {
+  if (!noncoherent()) raise(ErrorCode::kInvalidHandle, "debug_hold_lock: the pool is coherent and has no lock");
+  ensure_open();
+  (void)enter_exclusive();  // never left
+}
+
+LockStats Pool::lock_stats() const {
+  LockStats st;
+  if (!noncoherent()) return st;
+  std::lock_guard<std::recursive_mutex> lk(lock_mu_);
+  st.acquisitions = lock_.acquisitions();
+  st.takeovers = lock_.takeovers();
+  st.hosts_skipped = lock_.hosts_skipped();
+  st.host_line = lock_.line();
+  return st;
+}
+
 void Pool::heartbeat() noexcept {
-  if (!map_.base() || !still_member()) return;  // never beat for a slot that is no longer ours
+  if (!map_.base()) return;
   uint64_t now = realtime_ns();
   uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
+  if (noncoherent()) {
+    if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return;
+    lock_.beat();  // the host's liveness, on its own line: no lock needed
+    if (now - last < 100'000'000ull && now >= last) return;
+    // The member's heartbeat shares a line with its control word, which a
+    // recoverer may write: under the lock.  If another thread of this handle is
+    // inside an operation, it beats there.
+    std::unique_lock<std::recursive_mutex> lk(lock_mu_, std::try_to_lock);
+    if (!lk.owns_lock()) return;
+    try {
+      Exclusive ex(this);
+      if (!still_member()) return;
+      last_heartbeat_.store(now, std::memory_order_relaxed);
+      member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
+      flush(member(slot_), 64);
+    } catch (...) {
+    }
+    return;
+  }
+  if (!still_member()) return;  // never beat for a slot that is no longer ours
   if (now - last < 100'000'000ull && now >= last) return;
   last_heartbeat_.store(now, std::memory_order_relaxed);
   member(slot_)->heartbeat_ns.store(now, std::memory_order_release);
-  if (coherence_ == Coherence::kNoncoherent) flush(member(slot_), 64);
 }
 
+// Counters live on lines only their member writes (a recoverer only after the
+// member is dead); in noncoherent mode they are written back when the lock is left.
 void Pool::add_counter(Counter c, uint64_t v) noexcept {
   if (v && map_.base()) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
 }
@@ -344,6 +477,7 @@ void Pool::attach_member() {
   // recovers each dead member; so attach first, then recover.  The last slot is
   // kept for a process that finds every other slot taken: it attaches there,
   // recovers the dead, leaves, and tries again.
+  Exclusive ex(this);
   uint64_t start = process_start_time(pid_);
   const uint32_t spare = max_members_ - 1;
   for (int attempt = 0; attempt < 3; ++attempt) {
@@ -386,7 +520,12 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
         return false;
       }
       uint64_t hb = m->heartbeat_ns.load(std::memory_order_acquire);
-      return now > hb && now - hb > lease_ns_;
+      if (!(now > hb && now - hb > lease_ns_)) return false;
+      // Noncoherent pools: a member of a host that still beats its lock line is
+      // left to that host's own processes (they check its pid, and only they can
+      // write back what it left dirty in their cache).  Its own beat may be late
+      // because it waited long for the lock.
+      return !(noncoherent() && lock_.host_beating(host));
     }
     case kMemberRecovering: {
       uint32_t r = word::recoverer_slot(word::member_payload(c));
@@ -409,6 +548,7 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
 }
 
 RecoveryReport Pool::recover() {
+  Exclusive ex(this);
   ensure_usable();
   return do_recover();
 }
@@ -426,14 +566,19 @@ RecoveryReport Pool::do_recover() {
     if (!member_dead(s, c)) continue;
     if (st == kMemberClaiming) {
       // A process that died while attaching holds nothing yet.
-      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_acq_rel))
+      if (m->ctl.cas(c, word::member(kMemberFree, word::member_epoch(c), 0), std::memory_order_acq_rel)) {
+        flush(&m->ctl, 8);
         ++rep.members_recovered;
+      }
       continue;
     }
     // SYNC POINT: recovery-claim.  Exactly one live process moves the slot to
     // RECOVERING(by me); a dead recoverer's claim is taken over the same way.
     uint64_t claimed = word::member(kMemberRecovering, word::member_epoch(c), me);
-    if (m->ctl.cas(c, claimed, std::memory_order_acq_rel)) mine.push_back(s);
+    if (m->ctl.cas(c, claimed, std::memory_order_acq_rel)) {
+      flush(&m->ctl, 8);
+      mine.push_back(s);
+    }
   }
   if (mine.empty()) return rep;
   uint64_t mask[2] = {0, 0};
@@ -468,6 +613,7 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
       uint64_t o = word::owner(s);
       if (o >= 128 || !(mask[o / 64] & (1ull << (o % 64)))) break;
       remove_entry(i, word::gen(s));
+      write_back_block(i);  // a dead writer of this host may have left them dirty in our cache
       if (sw.cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_acq_rel)) {
         flush(&sw, 8);
         ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
@@ -479,6 +625,7 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
     for (int w = 0; w < 2; ++w) {
       if (!mask[w]) continue;
       uint64_t had = d.pin_mask[w].fetch_and(~mask[w], std::memory_order_acq_rel);
+      if (had & mask[w]) flush(&d.pin_mask[w], 8);
       rep.pins_dropped += uint64_t(__builtin_popcountll(had & mask[w]));
     }
   }
@@ -486,22 +633,33 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
 
 void Pool::retire_counters(uint32_t s) {
   MemberSlot* m = member(s);
+  fresh(m->counters, sizeof m->counters);
   for (uint32_t c = 0; c < kCounterCount; ++c) {
     uint64_t v = m->counters[c].exchange(0, std::memory_order_relaxed);
     if (v) ctl()->retired[c].fetch_add(v, std::memory_order_relaxed);
   }
+  flush(m->counters, sizeof m->counters);
 }
 
 void Pool::close() {
   if (!map_.base()) return;
   g_timer.load(std::memory_order_relaxed)->remove(this);
-  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_ || !still_member()) {
-    // A forked child: the parent still owns the member slot.  A handle declared
-    // dead: its slot was recovered and may be someone else's now.  Either way
-    // touch nothing shared; just drop the mapping.
-    map_.unmap();
-    return;
+  if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
+    try {
+      Exclusive ex(this);
+      leave_pool();
+    } catch (...) {
+      // Only the noncoherent lock can fail here (this host lost its lock line):
+      // leave without touching shared memory; recovery reclaims the slot.
+    }
   }
+  // A forked child touches nothing shared: the parent still owns the member slot.
+  map_.unmap();
+}
+
+void Pool::leave_pool() {
+  // A handle declared dead: its slot was recovered and may be someone else's now.
+  if (!still_member()) return;
   // Leaving is what recovery does for a dead member, done by the member itself.
   uint64_t mine[2] = {0, 0};
   mine[slot_ / 64] = 1ull << (slot_ % 64);
@@ -516,7 +674,6 @@ void Pool::close() {
   uint64_t c = word::member(kMemberAlive, epoch_, pid_);
   m->ctl.cas(c, word::member(kMemberFree, epoch_, 0), std::memory_order_release);
   flush(&m->ctl, 8);
-  map_.unmap();
 }
 
 void Pool::abandon() noexcept {
@@ -527,6 +684,7 @@ void Pool::abandon() noexcept {
 
 std::vector<MemberInfo> Pool::members() const {
   std::vector<MemberInfo> out;
+  Exclusive ex(this);
   ensure_open();
   for (uint32_t s = 0; s < max_members_; ++s) {
     const MemberSlot* m = member(s);
@@ -549,6 +707,7 @@ std::vector<MemberInfo> Pool::members() const {
 }
 
 Stats Pool::stats() const {
+  Exclusive ex(this);
   ensure_open();
   Stats st;
   st.total = nblocks_;
@@ -570,6 +729,7 @@ Stats Pool::stats() const {
     uint64_t c = m->ctl.load(std::memory_order_acquire);
     if (word::member_status(c) == kMemberFree) continue;
     if (word::member_status(c) == kMemberAlive) ++st.members;
+    fresh(m->counters, sizeof m->counters);
     for (uint32_t k = 0; k < kCounterCount; ++k) st.counters[k] += m->counters[k].load(std::memory_order_relaxed);
   }
   return st;

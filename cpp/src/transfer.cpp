@@ -80,8 +80,7 @@ Channel& Pool::owned_channel(TransferRef t, uint64_t status) const {
 
 Channel& Pool::attached_channel(TransferRef t) const {
   if (t.channel >= kTransferChannels) raise(ErrorCode::kInvalidHandle, "transfer channel out of range");
-  Channel& ch = channel(t.channel);
-  if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(&ch, sizeof(Channel));
+  Channel& ch = channel(t.channel);  // invalidated in noncoherent mode
   uint64_t c = ch.ctl.load(std::memory_order_acquire);
   if (chan_epoch(c) != t.epoch || chan_status(c) < kChanOpen)
     raise(ErrorCode::kGone, "the transfer's channel was reused: it finished long ago (use acquire() on its keys)");
@@ -89,6 +88,7 @@ Channel& Pool::attached_channel(TransferRef t) const {
 }
 
 Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* keys, size_t n) {
+  Exclusive ex(this);
   ensure_usable();
   heartbeat();
   if (n == 0) raise(ErrorCode::kInvalidHandle, "a transfer needs at least one block key");
@@ -149,7 +149,7 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
     raise(ErrorCode::kFull, "all " + std::to_string(kTransferChannels) + " transfer channels are open");
   Channel& ch = channel(t.channel);
   Atomic64* hs = channel_handles(t.channel);
-  std::vector<uint64_t> fresh;
+  std::vector<uint64_t> fresh_blocks;
   size_t cached = 0;
   try {
     // Blocks already in the pool are pinned for the consumers; the rest are allocated.
@@ -166,18 +166,19 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
         missing.push_back(i);
       }
     }
-    fresh.resize(missing.size());
-    if (!missing.empty()) alloc(missing.size(), true, fresh.data());
+    fresh_blocks.resize(missing.size());
+    if (!missing.empty()) alloc(missing.size(), true, fresh_blocks.data());
     for (size_t j = 0; j < missing.size(); ++j) {
       const size_t i = missing[j];
-      const uint64_t bi = word::handle_index(fresh[j]);
+      const uint64_t bi = word::handle_index(fresh_blocks[j]);
       uint64_t k0, k1;
       std::memcpy(&k0, keys + 16 * i, 8);
       std::memcpy(&k1, keys + 16 * i + 8, 8);
       desc(bi).key[0].store(k0, std::memory_order_relaxed);
       desc(bi).key[1].store(k1, std::memory_order_relaxed);
       desc(bi).crc.store(0, std::memory_order_relaxed);
-      hs[i].store(channel_handle(word::handle_gen(fresh[j]), bi, false), std::memory_order_relaxed);
+      flush(&desc(bi), sizeof(BlockDesc));
+      hs[i].store(channel_handle(word::handle_gen(fresh_blocks[j]), bi, false), std::memory_order_relaxed);
     }
   } catch (...) {
     std::lock_guard<std::mutex> lk(pin_mu_);
@@ -187,6 +188,7 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
     }
     uint64_t c = chan_ctl(kChanFilling, t.epoch, slot_);
     ch.ctl.cas(c, chan_ctl(kChanFree, t.epoch, 0), std::memory_order_release);
+    flush(&ch.ctl, 8);
     throw;
   }
   ch.req_key[0].store(r0, std::memory_order_relaxed);
@@ -212,29 +214,39 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
 }
 
 void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride) {
-  ensure_usable();
-  heartbeat();
-  Channel& ch = owned_channel(t, kChanOpen);
-  uint32_t ready = ch.ready.load(std::memory_order_acquire);
-  if (ready & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
-  if (layer >= geo_.num_layers)
-    raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range for a " +
-                                         std::to_string(geo_.num_layers) + "-layer pool");
-  if (layer != (ready & kReadyCount))
-    raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(ready & kReadyCount) +
-                                         " is next, not layer " + std::to_string(layer));
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
-  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-  Atomic64* hs = channel_handles(t.channel);
+  uint32_t ready = 0;
+  std::vector<uint64_t> handles;
+  {
+    Exclusive ex(this);
+    ensure_usable();
+    heartbeat();
+    Channel& ch = owned_channel(t, kChanOpen);
+    ready = ch.ready.load(std::memory_order_acquire);
+    if (ready & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
+    if (layer >= geo_.num_layers)
+      raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range for a " +
+                                           std::to_string(geo_.num_layers) + "-layer pool");
+    if (layer != (ready & kReadyCount))
+      raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(ready & kReadyCount) +
+                                           " is next, not layer " + std::to_string(layer));
+    const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
+    Atomic64* hs = channel_handles(t.channel);
+    handles.resize(n);
+    for (uint32_t j = 0; j < n; ++j) handles[j] = hs[j].load(std::memory_order_relaxed);
+  }
+  // The bytes are copied and written back outside the lock (the blocks are ours, WRITING).
   uint64_t written = 0;
-  for (uint32_t j = 0; j < n; ++j) {
-    uint64_t h = hs[j].load(std::memory_order_relaxed);
-    if (ch_cached(h)) continue;
-    uint8_t* dst = block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
+  for (uint32_t j = 0; j < handles.size(); ++j) {
+    if (ch_cached(handles[j])) continue;
+    uint8_t* dst = block_data(ch_index(handles[j])) + uint64_t(layer) * layer_bytes;
     std::memcpy(dst, src + uint64_t(j) * src_stride, layer_bytes);
     flush(dst, layer_bytes);
     ++written;
   }
+  Exclusive ex(this);
+  ensure_usable();
+  Channel& ch = owned_channel(t, kChanOpen);
   // SYNC POINT: layer-ready.  The layer's bytes happen-before a consumer that
   // reads ready > layer with acquire.
   uint32_t expect = ready;
@@ -248,6 +260,7 @@ void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src,
 }
 
 void Pool::transfer_finish(TransferRef t) {
+  Exclusive ex(this);
   ensure_usable();
   Channel& ch = owned_channel(t, kChanOpen);
   uint32_t ready = ch.ready.load(std::memory_order_acquire);
@@ -278,8 +291,11 @@ void Pool::transfer_finish(TransferRef t) {
       // Someone stored this key meanwhile: our copy is redundant.  Its generation
       // does not change, so consumers still reading it see valid bytes.
       uint64_t s = word::state(g, kWriting, slot_);
-      if (state(i).cas(s, word::state(g, kFree, 0), std::memory_order_release))
+      write_back_block(i);
+      if (state(i).cas(s, word::state(g, kFree, 0), std::memory_order_release)) {
+        flush(&state(i), 8);
         ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+      }
       add_counter(kCtrDuplicates, 1);
     }
   }
@@ -298,6 +314,7 @@ void Pool::transfer_finish(TransferRef t) {
 }
 
 void Pool::transfer_abort(TransferRef t) {
+  Exclusive ex(this);
   ensure_usable();
   if (t.channel >= kTransferChannels) raise(ErrorCode::kInvalidHandle, "transfer channel out of range");
   Channel& ch = channel(t.channel);
@@ -330,6 +347,7 @@ void Pool::transfer_abort(TransferRef t) {
       continue;
     }
     uint64_t s = word::state(ch_gen(h), kWriting, slot_);
+    write_back_block(i);
     if (state(i).cas(s, word::state(ch_gen(h), kFree, 0), std::memory_order_release)) {
       flush(&state(i), 8);
       ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
@@ -377,8 +395,7 @@ Pool::TransferRef Pool::transfer_attach(const uint8_t req_key[16], const uint8_t
     uint64_t best_open = 0;
     bool found = false;
     for (uint32_t c = 0; c < kTransferChannels; ++c) {
-      Channel& ch = channel(c);
-      if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(&ch, sizeof(Channel));
+      Channel& ch = channel(c);  // invalidated in noncoherent mode: this scan takes no lock
       uint64_t cur = ch.ctl.load(std::memory_order_acquire);
       if (chan_status(cur) < kChanOpen) continue;
       bool match = req_key ? (ch.req_key[0].load(std::memory_order_relaxed) == r0 &&
@@ -411,6 +428,7 @@ Pool::TransferRef Pool::transfer_attach(const uint8_t req_key[16], const uint8_t
 }
 
 Pool::TransferInfo Pool::transfer_info(TransferRef t) const {
+  Exclusive ex(this);
   ensure_open();
   Channel& ch = attached_channel(t);
   TransferInfo info;
@@ -420,6 +438,7 @@ Pool::TransferInfo Pool::transfer_info(TransferRef t) const {
   info.status = chan_status(ch.ctl.load(std::memory_order_acquire));
   if (info.num_blocks > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
   Atomic64* hs = channel_handles(t.channel);
+  fresh(hs, 8ull * info.num_blocks);
   for (uint32_t j = 0; j < info.num_blocks; ++j)
     if (ch_cached(hs[j].load(std::memory_order_relaxed))) ++info.cached;
   return info;
@@ -445,7 +464,10 @@ void Pool::transfer_wait(TransferRef t, uint32_t layer, uint64_t timeout_ns) {
       last_liveness = now;
       uint64_t c = ch.ctl.load(std::memory_order_acquire);
       uint32_t o = chan_owner(c);
-      if (o < max_members_ && member_dead(o, member(o)->ctl.load(std::memory_order_acquire))) do_recover();
+      {
+        Exclusive ex(this);
+        if (o < max_members_ && member_dead(o, member(o)->ctl.load(std::memory_order_acquire))) do_recover();
+      }
       heartbeat();
       continue;
     }
@@ -473,7 +495,10 @@ void Pool::transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint
   const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
   if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
+  // No lock: the handles, the bytes and the generations are read after
+  // invalidating them, and the generations validate the copy (seqlock style).
   Atomic64* hs = channel_handles(t.channel);
+  fresh(hs, 8ull * n);
   std::vector<uint64_t> handles(n);
   for (uint32_t j = 0; j < n; ++j) {
     handles[j] = hs[j].load(std::memory_order_relaxed);
@@ -481,7 +506,7 @@ void Pool::transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint
   }
   for (uint32_t j = 0; j < n; ++j) {
     const uint8_t* src = block_data(ch_index(handles[j])) + uint64_t(layer) * layer_bytes;
-    if (coherence_ == Coherence::kNoncoherent) visibility::invalidate_range(src, layer_bytes);
+    fresh(src, layer_bytes);
     std::memcpy(dst + uint64_t(j) * dst_stride, src, layer_bytes);
   }
   // Validate: nothing we read can have been reused meanwhile.

@@ -277,17 +277,38 @@ class PoolFixture : public ::testing::Test {
   std::string name_;
 };
 
-class AllocHammer : public PoolFixture, public ::testing::WithParamInterface<bool> {};
+// Parameter bits: 1 = all threads share one pool handle (else one handle per
+// thread); 2 = a noncoherent pool, whose per-thread handles alternate between
+// this host and an emulated second one (two lines in the pool lock's bakery).
+class AllocHammer : public PoolFixture, public ::testing::WithParamInterface<int> {
+ public:
+  static std::string param_name(const ::testing::TestParamInfo<int>& i) {
+    return std::string(i.param & 1 ? "OneShared" : "OnePerThread") + (i.param & 2 ? "Noncoherent" : "");
+  }
+
+ protected:
+  bool shared() const { return GetParam() & 1; }
+  PoolOptions create_options() const {
+    PoolOptions o;
+    if (GetParam() & 2) o.coherence = layout::Coherence::kNoncoherent;
+    return o;
+  }
+  PoolOptions member_options(int t) const {
+    PoolOptions o;
+    if ((GetParam() & 2) && t % 2) o.host_id = 0x5151;
+    return o;
+  }
+};
 
 TEST_P(AllocHammer, NoBlockHeldTwice) {
-  const bool shared_member = GetParam();
+  const bool shared_member = shared();
   constexpr int kThreads = 4;
   constexpr uint64_t kBlocks = 128;
-  auto main_pool = Pool::create(name_, kSmall, (2ull << 20) + kBlocks * kBlockBytes, PoolOptions{});
+  auto main_pool = Pool::create(name_, kSmall, (2ull << 20) + kBlocks * kBlockBytes, create_options());
   ASSERT_EQ(main_pool->num_blocks(), kBlocks);
   std::vector<std::unique_ptr<Pool>> members;
   if (!shared_member)
-    for (int t = 0; t < kThreads; ++t) members.push_back(Pool::open(name_, PoolOptions{}));
+    for (int t = 0; t < kThreads; ++t) members.push_back(Pool::open(name_, member_options(t)));
 
   std::vector<std::atomic<uint32_t>> owner(kBlocks);
   for (auto& o : owner) o.store(0, std::memory_order_relaxed);
@@ -343,8 +364,7 @@ TEST_P(AllocHammer, NoBlockHeldTwice) {
               (unsigned long long)ops, (unsigned long long)allocated, (unsigned long long)full);
 }
 
-INSTANTIATE_TEST_SUITE_P(Members, AllocHammer, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "OneShared" : "OnePerThread"; });
+INSTANTIATE_TEST_SUITE_P(Members, AllocHammer, ::testing::Values(0, 1, 2, 3), AllocHammer::param_name);
 
 // ---------------------------------------------------------------------------
 // (b) publish / acquire with eviction
@@ -352,17 +372,17 @@ INSTANTIATE_TEST_SUITE_P(Members, AllocHammer, ::testing::Values(false, true),
 class IndexHammer : public AllocHammer {};
 
 TEST_P(IndexHammer, ReadersSeeTheBytesTheirKeysImply) {
-  const bool shared_member = GetParam();
+  const bool shared_member = shared();
 #if defined(PYKVSHM_TSAN)
   if (!shared_member) GTEST_SKIP() << "several mappings in one process hide happens-before edges from TSan";
 #endif
   constexpr int kPublishers = 2, kReaders = 2;
   constexpr uint64_t kBlocks = 64, kKeys = 384, kMaxRun = 12;  // working set 6x the pool
-  auto main_pool = Pool::create(name_, kSmall, (2ull << 20) + kBlocks * kBlockBytes, PoolOptions{});
+  auto main_pool = Pool::create(name_, kSmall, (2ull << 20) + kBlocks * kBlockBytes, create_options());
   ASSERT_EQ(main_pool->num_blocks(), kBlocks);
   std::vector<std::unique_ptr<Pool>> members;
   if (!shared_member)
-    for (int t = 0; t < kPublishers + kReaders; ++t) members.push_back(Pool::open(name_, PoolOptions{}));
+    for (int t = 0; t < kPublishers + kReaders; ++t) members.push_back(Pool::open(name_, member_options(t)));
 
   std::atomic<bool> stop{false};
   std::barrier start(kPublishers + kReaders + 1);
@@ -451,8 +471,7 @@ TEST_P(IndexHammer, ReadersSeeTheBytesTheirKeysImply) {
               (unsigned long long)st.counters[kCtrEvictions]);
 }
 
-INSTANTIATE_TEST_SUITE_P(Members, IndexHammer, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "OneShared" : "OnePerThread"; });
+INSTANTIATE_TEST_SUITE_P(Members, IndexHammer, ::testing::Values(0, 1, 2, 3), AllocHammer::param_name);
 
 // ---------------------------------------------------------------------------
 // (c) (a) with processes

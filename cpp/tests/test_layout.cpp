@@ -146,7 +146,23 @@ TEST(LayoutPins, Control) {
   // 384 .. 1024: five more 128-byte words, zero in layout v1
   PIN(offsetof(Control, retired), 1024);
   PIN(sizeof(Control::retired), 16 * 8);
-  PIN(offsetof(Control, pad), 1152);
+  // Noncoherent pools' lock (zero, i.e. unused, in coherent pools and in pools made before it)
+  PIN(offsetof(Control, join), 1152);
+  PIN(sizeof(JoinLine), 128);
+  PIN(offsetof(JoinLine, owner), 0);
+  PIN(offsetof(JoinLine, since_ns), 8);
+  PIN(offsetof(JoinLine, host_id), 16);
+  PIN(offsetof(JoinLine, pid), 24);
+  PIN(offsetof(JoinLine, lines_used), 32);
+  PIN(offsetof(Control, hosts), 1280);
+  PIN(kLockHosts, 16);
+  PIN(sizeof(HostLine), 128);
+  PIN(offsetof(HostLine, host_id), 0);
+  PIN(offsetof(HostLine, ticket), 8);
+  PIN(offsetof(HostLine, local), 16);
+  PIN(offsetof(HostLine, heartbeat_ns), 24);
+  PIN(offsetof(HostLine, choosing), 32);
+  PIN(offsetof(Control, pad), 3328);
 }
 
 TEST(LayoutPins, MemberSlot) {

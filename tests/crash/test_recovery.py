@@ -54,6 +54,14 @@ def _spawn_holder(name: str, keys: list[bytes], n_alloc: int = 5, hang: bool = F
     return p, slot, pinned, writing
 
 
+@pytest.fixture(params=["coherent", "noncoherent"])
+def pool(pool_name: str, spec: pykvshm.KVSpec, request: pytest.FixtureRequest):
+    """Every recovery test on both kinds of pool (the noncoherent one runs it under its lock)."""
+    p = pykvshm.Pool.create(pool_name, spec=spec, capacity="8MiB", coherence=request.param)
+    yield p
+    p.close()
+
+
 @pytest.fixture
 def seeded(pool: pykvshm.Pool) -> tuple[pykvshm.Pool, list[bytes]]:
     keys = pykvshm.block_keys(np.arange(4 * pool.spec.block_tokens), pool.spec.block_tokens)

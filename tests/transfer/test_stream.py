@@ -19,9 +19,10 @@ CTX = mp.get_context("fork")
 SPEC = pykvshm.KVSpec(num_layers=4, num_kv_heads=2, head_dim=16, block_tokens=8, dtype="float16")  # 4 KiB blocks
 
 
-@pytest.fixture
-def tpool(pool_name: str):
-    p = pykvshm.Pool.create(pool_name, spec=SPEC, capacity="8MiB")
+@pytest.fixture(params=["coherent", "noncoherent"])
+def tpool(pool_name: str, request: pytest.FixtureRequest):
+    """Both modes: a noncoherent consumer polls `ready` (no futex across hosts)."""
+    p = pykvshm.Pool.create(pool_name, spec=SPEC, capacity="8MiB", coherence=request.param)
     yield p
     p.close()
 

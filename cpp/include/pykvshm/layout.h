@@ -121,6 +121,36 @@ enum Counter : uint32_t {
   kCounterCount = 16,
 };
 
+// The lock of noncoherent pools (docs/design/coherence.md): a bakery among hosts,
+// one line pair per host.  A host's line is written only by that host's
+// processes, which are cache-coherent with each other; other hosts only read it
+// (after invalidating).  Zero (a fresh or a coherent pool) is "no host".
+inline constexpr uint32_t kLockHosts = 16;
+
+struct alignas(128) HostLine {
+  Atomic64 host_id;       // 0   owning host, 0 = free
+  Atomic64 ticket;        // 8   bakery number, 0 = not competing
+  Atomic64 local;         // 16  the host's own lock: pid:32 | token:32 of the holder, 0 = free
+  Atomic64 heartbeat_ns;  // 24  CLOCK_REALTIME, beaten by every member of the host
+  Atomic32 choosing;      // 32  bakery "choosing a number"
+  Atomic32 reserved32;    // 36
+  Atomic64 reserved64;    // 40  zero
+  uint8_t pad[80];        // 48 .. 128
+};
+static_assert(sizeof(HostLine) == 128);
+static_assert(offsetof(HostLine, local) == 16 && offsetof(HostLine, choosing) == 32);
+
+// Claiming a free HostLine (once per host): Fischer's timed mutual exclusion.
+struct alignas(128) JoinLine {
+  Atomic64 owner;     // 0   random token of the claimant, 0 = free
+  Atomic64 since_ns;  // 8   CLOCK_REALTIME of the claim
+  Atomic64 host_id;   // 16  claimant's host
+  Atomic64 pid;       // 24  claimant's pid (same-host claimants check it for liveness)
+  Atomic64 lines_used;  // 32  host lines ever claimed (lines are taken lowest first): the bakery scans these
+  uint8_t pad[88];
+};
+static_assert(sizeof(JoinLine) == 128);
+
 struct Control {
   PaddedWord free_hint;    // approximate number of FREE blocks (a hint, never trusted)
   PaddedWord clock_hand;   // CLOCK eviction hand, monotonically increasing
@@ -132,10 +162,14 @@ struct Control {
   } channel_event;
   PaddedWord reserved_words[4];
   Atomic64 retired[kCounterCount];  // counters of members that detached or were recovered
-  uint8_t pad[kPageBytes - 8 * 128 - kCounterCount * 8];
+  JoinLine join;                    // noncoherent pools only
+  HostLine hosts[kLockHosts];       // noncoherent pools only
+  uint8_t pad[kPageBytes - 8 * 128 - kCounterCount * 8 - sizeof(JoinLine) - kLockHosts * sizeof(HostLine)];
 };
 static_assert(sizeof(Control) == kPageBytes);
 static_assert(offsetof(Control, retired) == 1024);
+static_assert(offsetof(Control, join) == 1152);
+static_assert(offsetof(Control, hosts) == 1280);
 
 // Member slot: one per attached pool handle.
 //   ctl = status:2 | epoch:30 | payload:32

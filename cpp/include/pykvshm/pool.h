@@ -16,9 +16,11 @@
 #include <vector>
 
 #include "pykvshm/errors.h"
+#include "pykvshm/host_lock.h"
 #include "pykvshm/layout.h"
 #include "pykvshm/mapping.h"
 #include "pykvshm/state.h"
+#include "pykvshm/visibility.h"
 
 namespace pykvshm {
 
@@ -45,6 +47,13 @@ struct RecoveryReport {
   uint64_t members_recovered = 0;  // dead member slots this call reclaimed and freed
   uint64_t blocks_freed = 0;       // WRITING / EVICTING blocks they held
   uint64_t pins_dropped = 0;       // pins they held
+};
+
+struct LockStats {  // this handle's use of the noncoherent lock (all zero in a coherent pool)
+  uint64_t acquisitions = 0;   // outermost acquisitions
+  uint64_t takeovers = 0;      // acquisitions that took over from a dead process of this host
+  uint64_t hosts_skipped = 0;  // times a host with a stale heartbeat was passed over
+  uint32_t host_line = 0;      // this host's line in the lock table
 };
 
 struct MemberInfo {
@@ -161,9 +170,43 @@ class Pool {
 
   // Test hook: abandon the handle without running close() (as a crash would).
   void abandon() noexcept;
+  // Test hook (noncoherent pools): take the pool lock and keep it, as a process
+  // killed inside an operation would.
+  void debug_hold_lock();
+  LockStats lock_stats() const;
 
  private:
   Pool() = default;
+
+  // Noncoherent mode: every access to shared metadata runs inside one of these
+  // (the public entry points take it); coherent mode: it does nothing.  It nests.
+  class Exclusive {
+   public:
+    explicit Exclusive(const Pool* p) : p_(p), held_(p->enter_exclusive()) {}
+    ~Exclusive() {
+      if (held_) p_->leave_exclusive();
+    }
+    Exclusive(const Exclusive&) = delete;
+    Exclusive& operator=(const Exclusive&) = delete;
+
+   private:
+    const Pool* p_;
+    bool held_;
+  };
+  bool enter_exclusive() const;
+  void leave_exclusive() const noexcept;
+  void write_back_metadata() const noexcept;  // after taking over from a dead holder of this host
+  bool noncoherent() const { return coherence_ == layout::Coherence::kNoncoherent; }
+  // Before a block we wrote changes hands: write its bytes back, so that dirty
+  // lines in this host's cache cannot land later over the next owner's bytes.
+  void write_back_block(uint64_t i) const noexcept {
+    if (noncoherent()) visibility::flush_range(block_data(i), geo_.block_bytes);
+  }
+  // Invalidate before reading what another host may have written (noncoherent only).
+  void fresh(const void* p, size_t n) const noexcept {
+    if (noncoherent()) refresh(p, n);
+  }
+  void refresh(const void* p, size_t n) const noexcept;
   void attach_member();
   bool claim_slot(uint32_t slot, uint64_t start_time);
   RecoveryReport do_recover();
@@ -175,7 +218,8 @@ class Pool {
   // close): their open transfers are aborted, their blocks being written or evicted freed,
   // their pins dropped.
   void release_members(const uint64_t mask[2], RecoveryReport& rep);
-  void retire_counters(uint32_t slot);  // fold a member's counters into the retired totals
+  void retire_counters(uint32_t slot);
+  void leave_pool();                    // close(): give everything back, free the slot  // fold a member's counters into the retired totals
   uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
   uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
   bool try_claim(uint64_t index, uint64_t* handle_out);
@@ -197,17 +241,34 @@ class Pool {
   void flush(const void* p, size_t n) const noexcept;
 
   layout::Superblock* sb() const { return reinterpret_cast<layout::Superblock*>(map_.base()); }
+  // The accessors below invalidate the line they return in noncoherent mode, so
+  // every read of shared metadata sees the device's copy.  The control page's
+  // hot words are refreshed when the lock is taken (enter_exclusive).
   layout::Control* ctl() const { return reinterpret_cast<layout::Control*>(map_.base() + ctl_off_); }
   layout::MemberSlot* member(uint32_t i) const {
-    return reinterpret_cast<layout::MemberSlot*>(map_.base() + members_off_) + i;
+    auto* m = reinterpret_cast<layout::MemberSlot*>(map_.base() + members_off_) + i;
+    fresh(m, 64);
+    return m;
   }
-  Atomic64& state(uint64_t i) const { return reinterpret_cast<Atomic64*>(map_.base() + states_off_)[i]; }
+  Atomic64& state(uint64_t i) const {
+    auto* w = reinterpret_cast<Atomic64*>(map_.base() + states_off_) + i;
+    fresh(w, 8);
+    return *w;
+  }
   layout::BlockDesc& desc(uint64_t i) const {
-    return reinterpret_cast<layout::BlockDesc*>(map_.base() + desc_off_)[i];
+    auto* d = reinterpret_cast<layout::BlockDesc*>(map_.base() + desc_off_) + i;
+    fresh(d, sizeof(layout::BlockDesc));
+    return *d;
   }
-  Atomic64& entry(uint64_t pos) const { return reinterpret_cast<Atomic64*>(map_.base() + index_off_)[pos]; }
+  Atomic64& entry(uint64_t pos) const {
+    auto* e = reinterpret_cast<Atomic64*>(map_.base() + index_off_) + pos;
+    fresh(e, 8);
+    return *e;
+  }
   layout::Channel& channel(uint32_t c) const {
-    return *reinterpret_cast<layout::Channel*>(map_.base() + transfer_off_ + uint64_t(c) * (sizeof(layout::Channel) + 8ull * transfer_max_));
+    auto* ch = reinterpret_cast<layout::Channel*>(map_.base() + transfer_off_ + uint64_t(c) * (sizeof(layout::Channel) + 8ull * transfer_max_));
+    fresh(ch, sizeof(layout::Channel));
+    return *ch;
   }
   Atomic64* channel_handles(uint32_t c) const { return reinterpret_cast<Atomic64*>(&channel(c) + 1); }
   layout::Channel& owned_channel(TransferRef t, uint64_t status) const;
@@ -234,6 +295,12 @@ class Pool {
   uint64_t fork_gen_ = 0;
   std::atomic<uint64_t> cursor_{0};  // allocation scan position (process-local, a hint)
   std::atomic<uint64_t> last_heartbeat_{0};
+
+  // Noncoherent mode: the pool lock (one HostLock per handle) and the mutex that
+  // serializes this handle's threads around it; depth counts nested Exclusives.
+  mutable std::recursive_mutex lock_mu_;
+  mutable uint32_t lock_depth_ = 0;
+  mutable HostLock lock_;
 
   mutable std::mutex pin_mu_;
   std::vector<uint32_t> pin_count_;  // this member's pins per block

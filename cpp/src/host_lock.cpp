@@ -1,0 +1,241 @@
+#include "pykvshm/host_lock.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "pykvshm/errors.h"
+#include "pykvshm/pool.h"
+#include "pykvshm/visibility.h"
+
+namespace pykvshm {
+
+using namespace layout;
+
+namespace {
+
+// Fischer's delay: a claimant of the join line re-reads it this long after
+// writing it back.  Safe when no claimant takes longer than this between
+// reading the line free and its write reaching the device (coherence.md).
+constexpr uint64_t kJoinSettleNs = 20'000'000ull;
+constexpr uint64_t kBeatEveryNs = 50'000'000ull;
+
+// Everything a host line says fits in its first 64 bytes (one cache line).
+void fresh(const void* p) noexcept { visibility::invalidate_range(p, 64); }
+void publish(const void* p) noexcept { visibility::flush_range(p, 64); }
+
+}  // namespace
+
+void HostLock::init(Control* ctl, uint64_t host_id, uint64_t lease_ns, uint32_t pid) {
+  ctl_ = ctl;
+  host_id_ = host_id;
+  lease_ns_ = lease_ns;
+  pid_ = pid;
+  std::random_device rd;
+  uint32_t t = 0;
+  while (t == 0) t = rd();
+  token_ = (uint64_t(pid) << 32) | t;
+}
+
+uint32_t HostLock::lines_used() const noexcept {
+  fresh(&ctl_->join);
+  return uint32_t(std::min<uint64_t>(ctl_->join.lines_used.load(std::memory_order_seq_cst), kLockHosts));
+}
+
+bool HostLock::stale(uint64_t hb, uint64_t now) const noexcept { return now > hb && now - hb > lease_ns_; }
+
+bool HostLock::local_holder_dead(uint64_t holder) const {
+  const uint32_t pid = uint32_t(holder >> 32);
+  if (pid == pid_) return false;  // another handle of this process: alive
+  uint64_t st = 0;
+  return process_state(pid, &st) == ProcState::kGone;
+}
+
+bool HostLock::join_stale(uint64_t now) const {
+  const JoinLine& j = ctl_->join;
+  if (j.host_id.load(std::memory_order_relaxed) == host_id_) {
+    uint64_t st = 0;
+    if (process_state(uint32_t(j.pid.load(std::memory_order_relaxed)), &st) == ProcState::kGone) return true;
+  }
+  return stale(j.since_ns.load(std::memory_order_relaxed), now);
+}
+
+void HostLock::pause(uint32_t& spins) noexcept {
+  ++spins;
+  if (spins < 64) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  } else if (spins < 256) {
+    sched_yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(spins < 1024 ? 10 : 50));
+  }
+  if ((spins & 63) == 0) beat();  // a waiter must not look dead to other hosts
+}
+
+void HostLock::beat() noexcept {
+  const uint32_t me = line();
+  if (me >= kLockHosts) return;
+  const uint64_t now = realtime_ns();
+  const uint64_t last = last_beat_.load(std::memory_order_relaxed);
+  if (now >= last && now - last < kBeatEveryNs) return;
+  last_beat_.store(now, std::memory_order_relaxed);
+  host(me).heartbeat_ns.store(now, std::memory_order_relaxed);
+  publish(&host(me));
+}
+
+bool HostLock::host_beating(uint64_t host_id) const noexcept {
+  const uint64_t now = realtime_ns();
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
+    fresh(&host(j));
+    if (host(j).host_id.load(std::memory_order_acquire) == host_id)
+      return !stale(host(j).heartbeat_ns.load(std::memory_order_relaxed), now);
+  }
+  return false;
+}
+
+void HostLock::join() {
+  JoinLine& jl = ctl_->join;
+  for (uint32_t spins = 0;;) {
+    // Already ours (another process of this host joined before)?
+    for (uint32_t j = 0; j < kLockHosts; ++j) {
+      fresh(&host(j));
+      if (host(j).host_id.load(std::memory_order_acquire) == host_id_) {
+        line_.store(j, std::memory_order_relaxed);
+        beat();
+        return;
+      }
+    }
+    // Claim the join line.  Among processes of one host the CAS decides; among
+    // hosts Fischer's delay does: wait, re-read, and only the last writer wins.
+    fresh(&jl);
+    uint64_t owner = jl.owner.load(std::memory_order_acquire);
+    const uint64_t now = realtime_ns();
+    if (owner != 0 && !join_stale(now)) {
+      pause(spins);
+      continue;
+    }
+    if (!jl.owner.cas(owner, token_, std::memory_order_acq_rel)) continue;
+    jl.since_ns.store(now, std::memory_order_relaxed);
+    jl.host_id.store(host_id_, std::memory_order_relaxed);
+    jl.pid.store(pid_, std::memory_order_relaxed);
+    publish(&jl);
+    std::this_thread::sleep_for(std::chrono::nanoseconds(kJoinSettleNs));
+    fresh(&jl);
+    if (jl.owner.load(std::memory_order_acquire) != token_) continue;
+    // Ours alone: take a free line, else the line of a host that stopped beating.
+    uint32_t pick = kLockHosts;
+    bool found_mine = false;
+    const uint64_t t = realtime_ns();
+    for (uint32_t j = 0; j < kLockHosts; ++j) {
+      fresh(&host(j));
+      const uint64_t h = host(j).host_id.load(std::memory_order_acquire);
+      if (h == host_id_) {
+        pick = j;
+        found_mine = true;
+        break;
+      }
+      if (pick == kLockHosts && (h == 0 || stale(host(j).heartbeat_ns.load(std::memory_order_relaxed), t))) pick = j;
+    }
+    if (pick < kLockHosts && !found_mine) {
+      HostLine& l = host(pick);
+      l.ticket.store(0, std::memory_order_relaxed);
+      l.choosing.store(0, std::memory_order_relaxed);
+      l.local.store(0, std::memory_order_relaxed);
+      l.heartbeat_ns.store(t, std::memory_order_relaxed);
+      l.host_id.store(host_id_, std::memory_order_release);
+      publish(&l);
+      if (jl.lines_used.load(std::memory_order_relaxed) < pick + 1) jl.lines_used.store(pick + 1, std::memory_order_seq_cst);
+    }
+    uint64_t expect = token_;
+    jl.owner.cas(expect, 0, std::memory_order_release);
+    publish(&jl);
+    if (pick == kLockHosts)
+      raise(ErrorCode::kMembersFull, "all " + std::to_string(kLockHosts) +
+                                         " host lines of the pool's noncoherent lock are held by live hosts");
+    line_.store(pick, std::memory_order_relaxed);
+    last_beat_.store(0, std::memory_order_relaxed);
+    beat();
+    return;
+  }
+}
+
+void HostLock::wait_turn(uint32_t j, uint64_t mine) {
+  const uint32_t me = line();
+  for (uint32_t spins = 0;; pause(spins)) {
+    HostLine& l = host(j);
+    fresh(&l);
+    if (l.host_id.load(std::memory_order_acquire) == 0) return;
+    const uint64_t hb = l.heartbeat_ns.load(std::memory_order_relaxed);
+    if (stale(hb, realtime_ns())) {
+      ++skipped_;  // a dead host: whatever it holds, it no longer competes
+      return;
+    }
+    if (l.choosing.load(std::memory_order_seq_cst)) continue;
+    const uint64_t t = l.ticket.load(std::memory_order_seq_cst);
+    if (t == 0 || t > mine || (t == mine && j > me)) return;
+  }
+}
+
+bool HostLock::lock() {
+  uint32_t me = line();
+  // Our line may have been taken by another host if this host was silent past
+  // the lease (then it was declared dead): join again.
+  if (me >= kLockHosts || (fresh(&host(me)), host(me).host_id.load(std::memory_order_acquire) != host_id_)) {
+    join();
+    me = line();
+  }
+  HostLine& l = host(me);
+  // Tier 1: one process of this host at a time.
+  bool took_over = false;
+  for (uint32_t spins = 0;; pause(spins)) {
+    uint64_t cur = l.local.load(std::memory_order_acquire);
+    if (cur == 0) {
+      if (l.local.cas(cur, token_, std::memory_order_acq_rel)) break;
+      continue;
+    }
+    if ((spins & 15) == 15 && local_holder_dead(cur) && l.local.cas(cur, token_, std::memory_order_acq_rel)) {
+      took_over = true;
+      ++takeovers_;
+      break;
+    }
+  }
+  // Tier 2: the bakery among hosts (seq_cst: the bakery needs every store to be
+  // ordered before the loads that follow it; on x86 invalidate_range fences too).
+  // Only lines ever claimed take part.  A host that claims a line after our
+  // first look is seen by the second (after our doorway), as the bakery needs.
+  l.choosing.store(1, std::memory_order_seq_cst);
+  publish(&l);
+  uint64_t top = 0;
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
+    if (j == me) continue;
+    fresh(&host(j));
+    if (host(j).host_id.load(std::memory_order_acquire) != 0) top = std::max(top, host(j).ticket.load(std::memory_order_seq_cst));
+  }
+  const uint64_t mine = top + 1;
+  l.ticket.store(mine, std::memory_order_seq_cst);
+  publish(&l);
+  l.choosing.store(0, std::memory_order_seq_cst);
+  publish(&l);
+  for (uint32_t j = 0, used = lines_used(); j < used; ++j)
+    if (j != me) wait_turn(j, mine);
+  ++acquisitions_;
+  return took_over;
+}
+
+void HostLock::unlock() noexcept {
+  const uint32_t me = line();
+  if (me >= kLockHosts) return;
+  HostLine& l = host(me);
+  l.ticket.store(0, std::memory_order_seq_cst);
+  publish(&l);
+  uint64_t cur = token_;
+  l.local.cas(cur, 0, std::memory_order_release);
+}
+
+}  // namespace pykvshm
