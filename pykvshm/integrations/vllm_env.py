@@ -55,3 +55,73 @@ def vllm_version(python: str) -> str:
     r = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
                        timeout=300, cwd=os.path.expanduser("~"))
     return r.stdout.strip() or "unknown"
+
+
+# vLLM's engine processes keep their message queues in POSIX shared memory
+# (multiprocessing.shared_memory, /dev/shm/psm_*, 160-250 MiB each here, and sem.mp-*
+# semaphores) and unlink them only on a clean shutdown; a process group that has to be
+# killed leaves them behind, in RAM.
+SHM_DIR = "/dev/shm"
+
+
+def shm_segments() -> set[str]:
+    """Names of the multiprocessing shared memory segments and semaphores in /dev/shm now."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(("psm_", "sem.mp-"))}
+    except OSError:
+        return set()
+
+
+def _in_use(paths: set[str]) -> set[str]:
+    """The subset of ``paths`` some live process still maps or holds open."""
+    used: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(p for p in paths if p in f.read())
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if target in paths:
+                    used.add(target)
+        except OSError:
+            continue
+    return used
+
+
+def remove_leaked_segments(before: set[str]) -> list[str]:
+    """Unlink the segments that appeared since ``before`` and no live process uses any more.
+
+    Call after an engine's whole process group is gone; segments of engines still running
+    are mapped by them and stay.
+    """
+    new = {os.path.join(SHM_DIR, n) for n in shm_segments() - before}
+    removed = []
+    for path in sorted(new - _in_use(new)):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def kill_group(pgid: int, timeout: float = 10.0) -> None:
+    """SIGKILL process group ``pgid`` (vLLM's EngineCore and workers outlive their parent) and
+    wait until none of its processes is left."""
+    import signal
+    import time
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import tempfile
 import threading
 import time
 from typing import Any, Callable
+
+from ..integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
 
 
 class EngineError(RuntimeError):
@@ -28,6 +29,7 @@ class Engine:
         with os.fdopen(fd, "w") as f:
             json.dump(config, f)
         self.log_path = log_path
+        self._shm_before = shm_segments()
         self._log = open(self.log_path, "w")
         self._proc = subprocess.Popen(
             [python, "-m", "pykvshm.vllm_demo.engine", self._config_path],
@@ -100,11 +102,13 @@ class Engine:
             pass
         finally:
             try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                self._proc.wait(timeout=10)  # let it exit on its own: vLLM cleans up its shared memory
+            except subprocess.TimeoutExpired:
                 pass
+            kill_group(self._proc.pid)  # EngineCore and workers outlive their parent
             self._proc.wait()
             self._log.close()
+            remove_leaked_segments(self._shm_before)
             try:
                 os.unlink(self._config_path)
             except OSError:

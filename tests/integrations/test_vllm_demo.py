@@ -19,6 +19,9 @@ def test_demo_on_vllm_engines(vllm_python, tmp_path) -> None:
            "--requests", "6", "--prompt-tokens", "160", "--shared-prefix", "96", "--shared-fraction", "0.7",
            "--new-tokens", "6", "--rate", "10", "--baselines", "recompute", "--capacity", "128MiB",
            "--pool", unique_name("vdemo"), "--out", str(out)]
+    from pykvshm.integrations.vllm_env import shm_segments
+
+    shm_before = shm_segments()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "every output token-identical to the single-engine run: yes" in r.stdout
@@ -32,3 +35,5 @@ def test_demo_on_vllm_engines(vllm_python, tmp_path) -> None:
     assert by["pool"]["decode_kv_tokens_from_transfer"] > 0  # the decode engine got its KV from the pool
     assert report["pool_load_ms"], "the decode engine's pool loads were timed"
     assert (out / "latency.png").stat().st_size > 1000
+    # The engines' shared memory (vLLM's message queues, ~200 MiB each) went with them.
+    assert shm_segments() - shm_before == set()

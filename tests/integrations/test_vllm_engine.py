@@ -84,7 +84,10 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     assert b_empty["tokens"] == reference[:3]  # the single-engine computation agrees too
     stats = _stats(cons_stats)
     assert sum(s["load_blocks"] for s in stats) == sum(full) // BS + 2  # batches 1 and 2
-    assert sum(s["load_failed"] for s in stats) == sum(full) // BS  # batch 3: all of them
+    # Batch 3: the first step with a load evicts the pool, so that step's loads all fail; requests
+    # the scheduler looks up after it find nothing and never load (how many share the step varies).
+    failed = sum(s["load_failed"] for s in stats)
+    assert failed > 0 and failed % (full[0] // BS) == 0 and failed <= sum(full) // BS
     assert all(s["save_blocks"] == 0 for s in stats)
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == 0 and pool.stats()["pinned"] == 0  # the consumer never saves

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,9 @@ def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, s
     exe = vllm_python()
     if exe is None:
         raise RuntimeError("no vLLM environment: run scripts/setup_vllm_env.sh")
+    from pykvshm.integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+
+    shm_before = shm_segments()
     with tempfile.TemporaryDirectory(prefix="pykvshm-vllm-job-") as d:
         job_path, out_path, log_path = (os.path.join(d, n) for n in ("job.json", "out.json", "log.txt"))
         Path(job_path).write_text(json.dumps(job))
@@ -74,8 +76,9 @@ def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, s
             except subprocess.TimeoutExpired:
                 rc = None
             finally:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 proc.wait()
+                remove_leaked_segments(shm_before)
         tail = Path(log_path).read_text(errors="replace")[-6000:]
         if rc != 0 or not os.path.exists(out_path):
             why = "timed out" if rc is None else f"exit code {rc}"
@@ -83,13 +86,6 @@ def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, s
         result = json.loads(Path(out_path).read_text())
         result["log_tail"] = tail
         return result
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def write_tiny_llama(path: str | os.PathLike[str], seed: int = 0, **overrides: Any) -> str:
