@@ -565,7 +565,8 @@ def ms_columns(keys: list[str]) -> list[tuple[str, int, Any]]:
     """Table columns for summary keys like ``ttft_ms_p50`` ("TTFT p50", in ms)."""
     def col(key: str) -> tuple[str, int, Any]:
         name, _, q = key.partition("_ms_")
-        return (f"{name.upper() if name in ('ttft', 'tpot') else name} {q}", 12, lambda s: f"{s[key]:.1f}ms")
+        return (f"{name.upper() if name in ('ttft', 'tpot') else name} {q}", 12,
+                lambda s: f"{s[key]:.1f}ms" if s[key] == s[key] else "-")  # nan: not measured in this mode
     return [col(k) for k in keys]
 
 
