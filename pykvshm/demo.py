@@ -535,6 +535,12 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
+def latency_summary(results: list[dict[str, Any]]) -> dict[str, float]:
+    """p50 and p99 in ms of each request's ``ttft``, ``tpot`` and ``handoff`` (seconds)."""
+    return {f"{key}_ms_p{q}": percentile([r[key] * 1e3 for r in results], q)
+            for key in ("ttft", "tpot", "handoff") for q in (50, 99)}
+
+
 def summarize(rep: dict[str, Any], ref: dict[str, list[int]], reqs: list[Request]) -> dict[str, Any]:
     res = rep["results"]
     shared = {r.rid for r in reqs if r.shared}
@@ -543,7 +549,6 @@ def summarize(rep: dict[str, Any], ref: dict[str, list[int]], reqs: list[Request
     hits = sum(r["hit_blocks"] for r in res)
     fulls = sum(r["full_blocks"] for r in res)
     shared_hits = sum(r["hit_blocks"] for r in res if r["rid"] in shared)
-    ms = 1e3
     return {
         "transport": rep["transport"],
         "requests": len(res),
@@ -552,12 +557,7 @@ def summarize(rep: dict[str, Any], ref: dict[str, list[int]], reqs: list[Request
         "kv_identical": kv_ok,
         "prefix_hit_rate": hits / fulls if fulls else 0.0,
         "shared_prefix_hit_blocks": shared_hits,
-        "ttft_ms_p50": percentile([r["ttft"] * ms for r in res], 50),
-        "ttft_ms_p99": percentile([r["ttft"] * ms for r in res], 99),
-        "tpot_ms_p50": percentile([r["tpot"] * ms for r in res], 50),
-        "tpot_ms_p99": percentile([r["tpot"] * ms for r in res], 99),
-        "handoff_ms_p50": percentile([r["handoff"] * ms for r in res], 50),
-        "handoff_ms_p99": percentile([r["handoff"] * ms for r in res], 99),
+        **latency_summary(res),
     }
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-from ..demo import Request, make_workload, ms_columns, percentile, plot, print_table
+from ..demo import Request, latency_summary, make_workload, ms_columns, percentile, plot, print_table
 from .engines import Engine, EngineError
 
 MODES = ("pool", "nixl", "recompute")
@@ -238,12 +238,7 @@ def summarize(rep: dict[str, Any], ref: dict[str, list[int]], block: int) -> dic
         "shared_prefix_hit_tokens": sum((r["prefill_cached_tokens"] if pre else r["decode_cached_tokens"]) or 0
                                         for r in shared),
         "decode_kv_tokens_from_transfer": sum(r["decode_cached_tokens"] or 0 for r in res) if pre else 0,
-        "ttft_ms_p50": percentile([r["ttft"] * ms for r in res], 50),
-        "ttft_ms_p99": percentile([r["ttft"] * ms for r in res], 99),
-        "tpot_ms_p50": percentile([r["tpot"] * ms for r in res], 50),
-        "tpot_ms_p99": percentile([r["tpot"] * ms for r in res], 99),
-        "handoff_ms_p50": percentile([r["handoff"] * ms for r in res], 50),
-        "handoff_ms_p99": percentile([r["handoff"] * ms for r in res], 99),
+        **latency_summary(res),
         "prefill_ms_p50": percentile([r["prefill"] * ms for r in res if r["prefill"] == r["prefill"]], 50),
         "elapsed_s": rep["elapsed_s"],
     }

@@ -8,9 +8,7 @@ from pykvshm.testing import unique_name
 from pykvshm.testing.torture import run_torture
 
 
-def test_torture_200_kills() -> None:
-    kills = int(os.environ.get("PYKVSHM_TORTURE_KILLS", "200"))
-    rep = run_torture(unique_name("torture"), kills=kills, procs=3, seed=1)
+def _assert_clean(rep, kills: int) -> None:
     assert rep.kills >= kills
     # Victims killed before they attached hold nothing; most had attached and were recovered.
     assert rep.members_recovered >= rep.kills // 2
@@ -20,14 +18,13 @@ def test_torture_200_kills() -> None:
     assert rep.verified_reads > 0
 
 
+def test_torture_200_kills() -> None:
+    kills = int(os.environ.get("PYKVSHM_TORTURE_KILLS", "200"))
+    _assert_clean(run_torture(unique_name("torture"), kills=kills, procs=3, seed=1), kills)
+
+
 def test_torture_noncoherent_kills() -> None:
     """The same on a noncoherent pool: victims die inside the pool lock too, and the next
     process of the host takes the lock over (fewer kills: the code paths are the same)."""
     kills = max(1, int(os.environ.get("PYKVSHM_TORTURE_KILLS", "200")) // 4)
-    rep = run_torture(unique_name("torture-nc"), kills=kills, procs=3, seed=2, coherence="noncoherent")
-    assert rep.kills >= kills
-    assert rep.members_recovered >= rep.kills // 2
-    assert rep.check_failures == []
-    assert rep.leaked_blocks == 0 and rep.leaked_pins == 0
-    assert rep.wrong_reads == 0
-    assert rep.verified_reads > 0
+    _assert_clean(run_torture(unique_name("torture-nc"), kills=kills, procs=3, seed=2, coherence="noncoherent"), kills)
