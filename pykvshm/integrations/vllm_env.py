@@ -23,27 +23,23 @@ ENV_VAR = "PYKVSHM_VLLM_PYTHON"
 def vllm_python() -> str | None:
     """The interpreter that runs vLLM engines with pykvshm, or None.
 
-    Order: $PYKVSHM_VLLM_PYTHON, this interpreter if it imports vllm, the default
-    environment of scripts/setup_vllm_env.sh. The candidate must be able to run
-    `from vllm import LLM` and `import pykvshm.integrations.vllm`.
+    The first that applies: $PYKVSHM_VLLM_PYTHON, this interpreter if it imports vllm, the
+    default environment of scripts/setup_vllm_env.sh. It must be able to run
+    `from vllm import LLM` and `import pykvshm.integrations.vllm`, else there is none.
     """
-    candidates = []
     if os.environ.get(ENV_VAR):
-        candidates.append(os.environ[ENV_VAR])
+        exe = os.environ[ENV_VAR]
     elif importlib.util.find_spec("vllm") is not None:
-        candidates.append(sys.executable)
+        exe = sys.executable
     else:
-        candidates.append(os.path.join(DEFAULT_VLLM_VENV, "bin", "python"))
-    for exe in candidates:
-        if not os.access(exe, os.X_OK):
-            continue
-        probe = subprocess.run(
-            [exe, "-c", "from vllm import LLM; import pykvshm.integrations.vllm"],
-            capture_output=True, text=True, timeout=300, cwd=os.path.expanduser("~"),
-        )
-        if probe.returncode == 0:
-            return exe
-    return None
+        exe = os.path.join(DEFAULT_VLLM_VENV, "bin", "python")
+    if not os.access(exe, os.X_OK):
+        return None
+    probe = subprocess.run(
+        [exe, "-c", "from vllm import LLM; import pykvshm.integrations.vllm"],
+        capture_output=True, text=True, timeout=300, cwd=os.path.expanduser("~"),
+    )
+    return exe if probe.returncode == 0 else None
 
 
 def missing_hint() -> str:

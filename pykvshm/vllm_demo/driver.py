@@ -126,20 +126,20 @@ def run_mode(mode: str, args: argparse.Namespace, python: str, model: str, reqs:
         print(f"  {mode:10s} engines up ({time.monotonic() - t:.0f} s: "
               + ", ".join(f"{k} {v.start_s:.0f} s" for k, v in engines.items()) + ")", flush=True)
 
-        def submit(r: Request) -> None:
+        def submit(r: Request, k: int) -> None:
+            """Request ``k`` goes to prefill instance k mod n (round robin), or straight to decode."""
             if n_prefill:
-                i = int(r.rid.rsplit("-", 1)[-1]) % n_prefill if r.rid[-1].isdigit() else 0
                 params = {"do_remote_decode": True} if mode == "nixl" else None
-                engines[f"prefill{i}"].submit(r.rid, r.prompt, 1, params)
+                engines[f"prefill{k % n_prefill}"].submit(r.rid, r.prompt, 1, params)
             else:
                 engines["decode"].submit(r.rid, r.prompt, args.new_tokens)
 
         # Warm-up (not measured): first forward passes, NIXL handshakes, pool attach.
         warm = [Request(f"warmup-{i}", 0.0, [3 + (7 * j + i) % 900 for j in range(2 * args.block_tokens + 5)], False)
                 for i in range(max(1, n_prefill))]
-        for w in warm:
+        for k, w in enumerate(warm):
             prompts[w.rid] = w.prompt
-            submit(w)
+            submit(w, k)
         _wait(lock, decoded, [w.rid for w in warm], engines, args.request_timeout)
 
         start_wall = time.time()
@@ -150,7 +150,7 @@ def run_mode(mode: str, args: argparse.Namespace, python: str, model: str, reqs:
             if delay > 0:
                 time.sleep(delay)
             arrivals[r.rid] = time.time()
-            submit(r)
+            submit(r, k)
             with lock:
                 done = sum(1 for x in reqs if x.rid in decoded)
             _progress(mode, done, len(reqs))
@@ -224,7 +224,7 @@ def _pool_load_ms(stats_file: str) -> list[float]:
     return out
 
 
-def summarize(rep: dict[str, Any], ref: dict[str, list[int]], block: int) -> dict[str, Any]:
+def summarize(rep: dict[str, Any], ref: dict[str, list[int]]) -> dict[str, Any]:
     res = rep["results"]
     ms = 1e3
     prompt = sum(r["prompt_tokens"] for r in res)
@@ -301,7 +301,7 @@ def main(args: argparse.Namespace, python: str) -> int:
     by = {r["transport"]: r for r in reports}
     ref_run = by.get("recompute")
     ref = {r["rid"]: r["tokens"] for r in ref_run["results"]} if ref_run and not ref_run["error"] else {}
-    summaries = [summarize(r, ref, args.block_tokens) for r in reports if not r["error"]]
+    summaries = [summarize(r, ref) for r in reports if not r["error"]]
     print()
     print_table(summaries, [
         ("mode", 10, lambda s: s["transport"]),
