@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._copy import CopyFuture, buffer_extent, new_group, span_columns
 from ._arrays import check_blocks, host_address, is_cuda, is_torch
 from .errors import GeometryMismatchError, PoolClosedError, PoolNotFoundError, ShapeMismatchError, ViewsAliveError
 from .keys import keys_buffer
@@ -48,6 +49,17 @@ class _ViewTracker:
 
     def alive(self) -> bool:
         return self._ref is not None and self._ref() is not None
+
+
+_KERNELS = {"auto": 0, "memcpy": 1, "stream": 2}
+
+
+def _engine_options(threads: Any, kernel: Any) -> dict[str, int]:
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+        raise ValueError(f"copy_threads must be an int from 1 to 64, got {threads!r}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"copy_kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
+    return {"copy_threads": threads, "copy_kernel": _KERNELS[kernel]}
 
 
 def _parse_uuid(u: Any) -> _uuid.UUID:
@@ -133,6 +145,8 @@ class Pool:
         checksums: bool = False,
         host_id: int | None = None,
         lease: float = 10.0,
+        copy_threads: int = 1,
+        copy_kernel: str = "auto",
     ) -> "Pool":
         """Create a pool of ``capacity`` bytes holding blocks of ``spec`` and attach to it.
 
@@ -148,7 +162,9 @@ class Pool:
         a pool lock and every line is written back or invalidated, see
         docs/design/coherence.md); ``checksums`` stores a CRC32C per block and
         verifies it on acquire; ``lease`` is the seconds after which a silent member
-        of another host is considered dead.
+        of another host is considered dead.  ``copy_threads`` and ``copy_kernel``
+        (``"auto"``, ``"memcpy"`` or ``"stream"``: non-temporal stores) configure this
+        handle's copy engine (see :meth:`copy_engine_info`).
         """
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
@@ -161,7 +177,7 @@ class Pool:
             spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
             huge_pages=bool(huge_pages), numa_node=-1 if numa_node is None else int(numa_node),
             coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
-            lease_s=float(lease),
+            lease_s=float(lease), **_engine_options(copy_threads, copy_kernel),
         )
         return cls(core, str(name))
 
@@ -177,6 +193,8 @@ class Pool:
         numa_node: int | None = None,
         host_id: int | None = None,
         lease: float = 10.0,
+        copy_threads: int = 1,
+        copy_kernel: str = "auto",
     ) -> "Pool":
         """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry.
 
@@ -200,7 +218,7 @@ class Pool:
         core = _core.Pool.open(
             str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
             numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
-            expect=expect,
+            expect=expect, **_engine_options(copy_threads, copy_kernel),
         )
         pool = cls(core, str(name))
         if want is not None and pool.uuid != str(want):
@@ -232,7 +250,8 @@ class Pool:
 
         from .errors import CorruptPoolError, PoolExistsError, PoolInitializingError, PoolNotFoundError
 
-        open_opts = {k: v for k, v in options.items() if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease")}
+        open_opts = {k: v for k, v in options.items()
+                     if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease", "copy_threads", "copy_kernel")}
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -343,6 +362,11 @@ class Pool:
     @property
     def total_bytes(self) -> int:
         return int(self._core.total_bytes)
+
+    def copy_engine_info(self) -> dict[str, Any]:
+        """This handle's copy engine: ``threads``, ``kernel``, ``stream_threshold`` (bytes from which
+        ``auto`` uses non-temporal stores), ``jobs_done`` and ``bytes_done`` (asynchronous jobs)."""
+        return dict(self._live().copy_engine_info())
 
     def _live(self) -> Any:
         if self._core.closed:
@@ -460,6 +484,7 @@ class Lease:
         self._handles = handles
         self._released = False
         self._views = _ViewTracker()
+        self._pending: list[CopyFuture] = []
 
     def __len__(self) -> int:
         return 0 if self._released else len(self._handles)
@@ -512,10 +537,51 @@ class Lease:
         del keep
         return out
 
+    def read_spans(self, dst: Any, blocks: Any, block_offsets: Any, dst_offsets: Any, sizes: Any, *,
+                   wait: bool = True) -> "CopyFuture | None":
+        """Gather: span ``j`` copies ``sizes[j]`` bytes from leased block ``blocks[j]`` (an index into
+        this lease) at byte ``block_offsets[j]`` into ``dst`` (a contiguous host numpy array or torch
+        tensor, any shape) at byte ``dst_offsets[j]``.  Offsets and sizes may be scalars.
+
+        One call, every span checked first, no GIL.  ``wait=False`` queues the copy on the pool
+        handle's copy engine and returns a :class:`~pykvshm.CopyFuture`; :meth:`release` waits for
+        it.  This is the entry point an engine's loader uses (one call per layer).
+        """
+        core = self._check()
+        addr, size, keep = buffer_extent(dst, writable=True)
+        h, boff, doff, sz = span_columns(len(self._handles), self._handles, blocks, block_offsets, dst_offsets, sizes,
+                                         size, self._pool.spec.block_bytes)
+        addrs = doff + np.uint64(addr)
+        if wait:
+            core.read_spans(h, boff, addrs, sz)
+            del keep
+            return None
+        group = new_group()
+        core.read_spans(h, boff, addrs, sz, group)
+        fut = CopyFuture(group, keep, self._forget)
+        self._pending.append(fut)
+        return fut
+
+    def _forget(self, fut: CopyFuture) -> None:
+        try:
+            self._pending.remove(fut)
+        except ValueError:
+            pass
+
+    def wait(self) -> None:
+        """Wait for every asynchronous copy of this lease (raises the first error)."""
+        for f in list(self._pending):
+            f.wait()
+
     def release(self) -> None:
-        """Drop the pins.  Idempotent."""
+        """Drop the pins (after waiting for this lease's asynchronous copies).  Idempotent."""
         if self._released:
             return
+        for f in list(self._pending):
+            try:
+                f.wait()
+            except Exception:
+                pass
         if self._views.alive():
             raise ViewsAliveError("views of this lease are still alive; delete them before release()")
         self._released = True
@@ -600,26 +666,36 @@ class Writer:
         if not 0 <= int(layer) < spec.num_layers:
             raise ShapeMismatchError(f"layer {layer} is out of range for a {spec.num_layers}-layer pool")
         check_blocks(kv, spec, len(self._handles), "write_layer data", per_block=spec.layer_shape)
+        layer_bytes = spec.block_bytes // spec.num_layers
+        n = len(self._handles)
+        if not is_cuda(kv):
+            # Host data: one batched scatter through the copy engine.
+            src = kv.contiguous() if is_torch(kv) else np.ascontiguousarray(kv)
+            self.write_spans(src, np.arange(n), int(layer) * layer_bytes, np.arange(n) * layer_bytes, layer_bytes)
+            return
+        from . import _torch
+        import torch
+
+        _torch.ensure_registered(int(core.address), int(core.total_bytes))
         anchor = self._views.anchor(self)
         bufs = [core.block_buffer(int(h), True, anchor) for h in self._handles]
-        if is_torch(kv):
-            from . import _torch
-
-            if is_cuda(kv):
-                _torch.ensure_registered(int(core.address), int(core.total_bytes))
-            import torch
-
-            layer_bytes = spec.block_bytes // spec.num_layers
-            src = kv.reshape(kv.shape[0], -1).view(torch.uint8)
-            for j, b in enumerate(bufs):
-                _torch.host_block_tensor(b)[int(layer) * layer_bytes : (int(layer) + 1) * layer_bytes].copy_(
-                    src[j], non_blocking=is_cuda(kv))
-            if is_cuda(kv):
-                torch.cuda.current_stream(kv.device).synchronize()
-        else:
-            for j, b in enumerate(bufs):
-                _block_array(b, spec)[int(layer)] = kv[j]
+        src_dev = kv.reshape(n, -1).view(torch.uint8)
+        for j, b in enumerate(bufs):
+            _torch.host_block_tensor(b)[int(layer) * layer_bytes : (int(layer) + 1) * layer_bytes].copy_(
+                src_dev[j], non_blocking=True)
+        torch.cuda.current_stream(kv.device).synchronize()
         del bufs, anchor
+
+    def write_spans(self, src: Any, blocks: Any, block_offsets: Any, src_offsets: Any, sizes: Any) -> None:
+        """Scatter: span ``j`` copies ``sizes[j]`` bytes from ``src`` (a contiguous host numpy array or
+        torch tensor) at byte ``src_offsets[j]`` into reserved block ``blocks[j]`` (an index into this
+        writer) at byte ``block_offsets[j]``: one checked call without the GIL, through the copy engine."""
+        core = self._check()
+        addr, size, keep = buffer_extent(src, writable=False)
+        h, boff, soff, sz = span_columns(len(self._handles), self._handles, blocks, block_offsets, src_offsets, sizes,
+                                         size, self._pool.spec.block_bytes)
+        core.write_spans(h, boff, soff + np.uint64(addr), sz)
+        del keep
 
     def write(self, data: Any) -> None:
         """Write whole blocks: ``data`` has shape ``(len(writer), *spec.block_shape)``."""

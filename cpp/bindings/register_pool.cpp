@@ -78,8 +78,12 @@ py::dict stats_dict(const Stats& s) {
 }
 
 PoolOptions options(bool prefault, bool huge_pages, int numa_node, uint32_t mode, uint32_t coherence, bool checksums,
-                    uint64_t host_id, double lease_s) {
+                    uint64_t host_id, double lease_s, unsigned copy_threads = 1, uint32_t copy_kernel = 0) {
   PoolOptions o;
+  if (copy_threads < 1 || copy_threads > 64) throw py::value_error("copy_threads must be between 1 and 64");
+  if (copy_kernel > 2) throw py::value_error("copy_kernel must be 0 (auto), 1 (memcpy) or 2 (stream)");
+  o.copy_threads = copy_threads;
+  o.copy_kernel = CopyKernel(copy_kernel);
   o.map.prefault = prefault;
   o.map.huge_pages = huge_pages;
   o.map.numa_node = numa_node;
@@ -96,6 +100,22 @@ PoolOptions options(bool prefault, bool huge_pages, int numa_node, uint32_t mode
 }  // namespace
 
 void register_pool(py::module_& m) {
+  py::class_<CopyGroup, std::shared_ptr<CopyGroup>>(m, "CopyGroup")
+      .def(py::init<>())
+      .def("wait", &CopyGroup::wait, py::call_guard<py::gil_scoped_release>(),
+           "Block until every copy of the group has run; raise the first error one of them hit.")
+      .def("idle", &CopyGroup::idle)
+      .def("failed", &CopyGroup::failed)
+      .def_property_readonly("pending", &CopyGroup::pending);
+  m.def(
+      "copy_bytes",
+      [](uintptr_t dst, uintptr_t src, uint64_t n, uint32_t kernel) {
+        if (kernel > 2) throw py::value_error("kernel must be 0 (auto), 1 (memcpy) or 2 (stream)");
+        CopySpan s{reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(src), n};
+        py::gil_scoped_release rel;
+        copy_spans(&s, 1, CopyKernel(kernel));
+      },
+      "Copy n bytes between two process addresses with a copy-engine kernel (benchmarks).");
   py::class_<BlockBuffer>(m, "BlockBuffer", py::buffer_protocol())
       .def_buffer([](BlockBuffer& b) {
         return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(b.size)}, {1},
@@ -109,28 +129,32 @@ void register_pool(py::module_& m) {
           "create",
           [](const std::string& name, uint32_t layers, uint32_t heads, uint32_t head_dim, uint32_t block_tokens,
              uint32_t dtype_code, uint32_t dtype_size, uint64_t capacity, uint32_t mode, bool prefault, bool huge_pages,
-             int numa_node, uint32_t coherence, bool checksums, uint64_t host_id, double lease_s) {
+             int numa_node, uint32_t coherence, bool checksums, uint64_t host_id, double lease_s, unsigned copy_threads,
+             uint32_t copy_kernel) {
             GeometryIn g{layers, heads, head_dim, block_tokens, dtype_code, dtype_size};
-            auto o = options(prefault, huge_pages, numa_node, mode, coherence, checksums, host_id, lease_s);
+            auto o = options(prefault, huge_pages, numa_node, mode, coherence, checksums, host_id, lease_s, copy_threads,
+                             copy_kernel);
             py::gil_scoped_release rel;
             return Pool::create(name, g, capacity, o);
           },
           py::arg("name"), py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_tokens"),
           py::arg("dtype_code"), py::arg("dtype_size"), py::arg("capacity"), py::arg("mode") = 0600,
           py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
-          py::arg("coherence") = 0, py::arg("checksums") = false, py::arg("host_id") = 0, py::arg("lease_s") = 10.0)
+          py::arg("coherence") = 0, py::arg("checksums") = false, py::arg("host_id") = 0, py::arg("lease_s") = 10.0,
+          py::arg("copy_threads") = 1, py::arg("copy_kernel") = 0)
       .def_static(
           "open",
           [](const std::string& name, bool prefault, bool huge_pages, int numa_node, uint64_t host_id, double lease_s,
-             std::optional<std::array<uint32_t, 6>> expect) {
-            auto o = options(prefault, huge_pages, numa_node, 0600, 0, false, host_id, lease_s);
+             std::optional<std::array<uint32_t, 6>> expect, unsigned copy_threads, uint32_t copy_kernel) {
+            auto o = options(prefault, huge_pages, numa_node, 0600, 0, false, host_id, lease_s, copy_threads, copy_kernel);
             GeometryIn g{};
             if (expect) g = GeometryIn{(*expect)[0], (*expect)[1], (*expect)[2], (*expect)[3], (*expect)[4], (*expect)[5]};
             py::gil_scoped_release rel;
             return Pool::open(name, o, expect ? &g : nullptr);
           },
           py::arg("name"), py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
-          py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none())
+          py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none(), py::arg("copy_threads") = 1,
+          py::arg("copy_kernel") = 0)
       .def_static("destroy", [](const std::string& name) { Mapping::destroy(name); })
       .def_static("path_for", [](const std::string& name) {
         return Mapping::backend_for(name) == Backend::kShm ? Mapping::shm_path(name) : name;
@@ -407,6 +431,71 @@ void register_pool(py::module_& m) {
                p.transfer_put_layer({ch, epoch}, l, reinterpret_cast<const uint8_t*>(src) + (l - first) * layer_stride,
                                     block_stride);
              if (finish) p.transfer_finish({ch, epoch});
+           })
+      .def("transfer_put_layer_async",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t src, uint64_t stride,
+              const std::shared_ptr<CopyGroup>& group) {
+             py::gil_scoped_release rel;
+             p.transfer_put_layer_async({ch, epoch}, layer, reinterpret_cast<const uint8_t*>(src), stride, group);
+           })
+      .def("transfer_slots",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, bool writable) {
+             std::vector<uint8_t*> v;
+             {
+               py::gil_scoped_release rel;
+               v = p.transfer_slots({ch, epoch}, layer, writable);
+             }
+             py::list out;
+             for (uint8_t* a : v) out.append(reinterpret_cast<uintptr_t>(a));
+             return out;
+           })
+      .def("transfer_validate",
+           [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer) {
+             py::gil_scoped_release rel;
+             p.transfer_validate({ch, epoch}, layer);
+           })
+      .def("slot_buffer",
+           [](Pool& p, uintptr_t address, uint64_t size, bool writable, py::object anchor) {
+             // A view of `size` bytes at `address`, which must lie inside one data block of this pool
+             // (addresses come from transfer_slots).
+             const uint64_t base = reinterpret_cast<uintptr_t>(p.block_data(0));
+             const uint64_t stride = p.geometry().block_stride, bb = p.geometry().block_bytes;
+             if (address < base || address >= base + p.num_blocks() * stride)
+               throw py::value_error("address is not inside the pool's data blocks");
+             const uint64_t off = (address - base) % stride;
+             if (off + size > bb) throw py::value_error("the view would run past the end of its block");
+             return BlockBuffer{reinterpret_cast<uint8_t*>(address), size_t(size), !writable, std::move(anchor)};
+           })
+      .def("read_spans",
+           [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
+              std::shared_ptr<CopyGroup> group) {
+             const size_t n = size_t(h.size());
+             if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
+               throw py::value_error("read_spans: handles, offsets, addresses and sizes must have the same length");
+             py::gil_scoped_release rel;
+             p.read_spans(h.data(), offsets.data(), addrs.data(), bytes.data(), n, group);
+           },
+           py::arg("handles"), py::arg("offsets"), py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
+      .def("write_spans",
+           [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
+              std::shared_ptr<CopyGroup> group) {
+             const size_t n = size_t(h.size());
+             if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
+               throw py::value_error("write_spans: handles, offsets, addresses and sizes must have the same length");
+             py::gil_scoped_release rel;
+             p.write_spans(h.data(), offsets.data(), addrs.data(), bytes.data(), n, group);
+           },
+           py::arg("handles"), py::arg("offsets"), py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
+      .def("copy_engine_info",
+           [](Pool& p) {
+             CopyEngine& e = p.copy_engine();
+             py::dict d;
+             d["threads"] = e.threads();
+             d["kernel"] = kernel_name(e.kernel());
+             d["stream_threshold"] = kStreamThreshold;
+             d["jobs_done"] = e.jobs_done();
+             d["bytes_done"] = e.bytes_done();
+             return d;
            })
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
       .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())

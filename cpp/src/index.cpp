@@ -227,8 +227,15 @@ size_t Pool::publish(const uint8_t* keys, size_t n, const uint8_t* src, uint64_t
   std::vector<int64_t> pos(n);
   std::vector<uint64_t> hs(n);
   size_t m = reserve(keys, n, pos.data(), hs.data());
+  std::vector<CopySpan> spans(m);
   for (size_t j = 0; j < m; ++j)
-    std::memcpy(block_data(word::handle_index(hs[j])), src + uint64_t(pos[j]) * src_stride, geo_.block_bytes);
+    spans[j] = {block_data(word::handle_index(hs[j])), src + uint64_t(pos[j]) * src_stride, geo_.block_bytes};
+  try {
+    copy_engine().run(spans.data(), spans.size());
+  } catch (...) {
+    abort_writes(hs.data(), m);
+    throw;
+  }
   commit(hs.data(), m);
   return m;
 }
@@ -354,9 +361,73 @@ void Pool::copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t ds
     ensure_usable();
     for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
   }
-  for (size_t j = 0; j < n; ++j)
-    std::memcpy(dst + j * dst_stride, block_data(word::handle_index(handles[j])), geo_.block_bytes);
+  std::vector<CopySpan> spans(n);
+  for (size_t j = 0; j < n; ++j) spans[j] = {dst + j * dst_stride, block_data(word::handle_index(handles[j])), geo_.block_bytes};
+  copy_engine().run(spans.data(), spans.size());
   add_counter(kCtrBytesOut, n * geo_.block_bytes);
+}
+
+void Pool::check_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* bytes, size_t n) const {
+  for (size_t j = 0; j < n; ++j) {
+    if (word::handle_index(handles[j]) >= nblocks_)
+      raise(ErrorCode::kInvalidHandle, "span " + std::to_string(j) + ": block handle " + std::to_string(handles[j]) +
+                                           " is outside the pool");
+    if (offsets[j] > geo_.block_bytes || bytes[j] > geo_.block_bytes - offsets[j])
+      raise(ErrorCode::kInvalidHandle, "span " + std::to_string(j) + ": " + std::to_string(bytes[j]) + " bytes at offset " +
+                                           std::to_string(offsets[j]) + " run past the end of a " +
+                                           std::to_string(geo_.block_bytes) + "-byte block");
+  }
+}
+
+void Pool::read_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* addrs, const uint64_t* bytes,
+                      size_t n, const std::shared_ptr<CopyGroup>& group) {
+  check_spans(handles, offsets, bytes, n);
+  {
+    Exclusive ex(this);
+    ensure_usable();
+    for (size_t j = 0; j < n; ++j) pinned_block(handles[j]);
+  }
+  std::vector<CopySpan> spans(n);
+  uint64_t total = 0;
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* src = block_data(word::handle_index(handles[j])) + offsets[j];
+    fresh(src, bytes[j]);
+    spans[j] = {reinterpret_cast<uint8_t*>(addrs[j]), src, bytes[j]};
+    total += bytes[j];
+  }
+  add_counter(kCtrBytesOut, total);
+  if (group)
+    copy_engine().submit(group, std::move(spans));
+  else
+    copy_engine().run(spans.data(), spans.size());
+}
+
+void Pool::write_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* addrs, const uint64_t* bytes,
+                       size_t n, const std::shared_ptr<CopyGroup>& group) {
+  check_spans(handles, offsets, bytes, n);
+  {
+    Exclusive ex(this);
+    ensure_usable();
+    for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "write_spans");
+  }
+  std::vector<CopySpan> spans(n);
+  uint64_t total = 0;
+  for (size_t j = 0; j < n; ++j) {
+    spans[j] = {block_data(word::handle_index(handles[j])) + offsets[j], reinterpret_cast<const uint8_t*>(addrs[j]), bytes[j]};
+    total += bytes[j];
+  }
+  add_counter(kCtrBytesIn, total);
+  // commit() writes the blocks back in noncoherent mode (write_back_block), so no flush here.
+  if (group)
+    copy_engine().submit(group, std::move(spans));
+  else
+    copy_engine().run(spans.data(), spans.size());
+}
+
+CopyEngine& Pool::copy_engine() {
+  std::lock_guard<std::mutex> lk(engine_mu_);
+  if (!engine_) engine_ = std::make_unique<CopyEngine>(copy_threads_, copy_kernel_);
+  return *engine_;
 }
 
 }  // namespace pykvshm

@@ -283,6 +283,8 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->max_members_ = sb->max_members;
   p->host_id_ = opt.host_id ? opt.host_id : local_host_id();
   p->lease_ns_ = opt.lease_ns;
+  p->copy_threads_ = std::clamp(opt.copy_threads, 1u, 64u);
+  p->copy_kernel_ = opt.copy_kernel;
   p->pid_ = uint32_t(getpid());
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
@@ -643,6 +645,15 @@ void Pool::retire_counters(uint32_t s) {
 
 void Pool::close() {
   if (!map_.base()) return;
+  {
+    // Queued copies write into (and read from) the mapping: let them finish first.
+    std::unique_ptr<CopyEngine> engine;
+    {
+      std::lock_guard<std::mutex> lk(engine_mu_);
+      engine = std::move(engine_);
+    }
+    engine.reset();
+  }
   g_timer.load(std::memory_order_relaxed)->remove(this);
   if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
     try {
@@ -677,8 +688,13 @@ void Pool::leave_pool() {
 }
 
 void Pool::abandon() noexcept {
-  // Drop the mapping and forget the slot, as if the process had died here.
+  // Drop the mapping and forget the slot, as if the process had died here
+  // (queued copies are finished first: they write into the mapping).
   g_timer.load(std::memory_order_relaxed)->remove(this);
+  {
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    engine_.reset();
+  }
   map_.unmap();
 }
 

@@ -213,50 +213,118 @@ Pool::TransferRef Pool::transfer_open(const uint8_t req_key[16], const uint8_t* 
   return t;
 }
 
-void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride) {
+std::vector<CopySpan> Pool::put_layer_spans(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
+                                             bool check_order) {
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
-  uint32_t ready = 0;
-  std::vector<uint64_t> handles;
-  {
-    Exclusive ex(this);
-    ensure_usable();
-    heartbeat();
-    Channel& ch = owned_channel(t, kChanOpen);
-    ready = ch.ready.load(std::memory_order_acquire);
-    if (ready & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
-    if (layer >= geo_.num_layers)
-      raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range for a " +
-                                           std::to_string(geo_.num_layers) + "-layer pool");
-    if (layer != (ready & kReadyCount))
-      raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(ready & kReadyCount) +
-                                           " is next, not layer " + std::to_string(layer));
-    const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-    Atomic64* hs = channel_handles(t.channel);
-    handles.resize(n);
-    for (uint32_t j = 0; j < n; ++j) handles[j] = hs[j].load(std::memory_order_relaxed);
+  std::vector<CopySpan> spans;
+  Exclusive ex(this);
+  ensure_usable();
+  heartbeat();
+  Channel& ch = owned_channel(t, kChanOpen);
+  const uint32_t ready = ch.ready.load(std::memory_order_acquire);
+  if (ready & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
+  if (layer >= geo_.num_layers)
+    raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range for a " +
+                                         std::to_string(geo_.num_layers) + "-layer pool");
+  if (check_order && layer != (ready & kReadyCount))
+    raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(ready & kReadyCount) +
+                                         " is next, not layer " + std::to_string(layer));
+  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
+  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
+  Atomic64* hs = channel_handles(t.channel);
+  spans.reserve(n);
+  for (uint32_t j = 0; j < n; ++j) {
+    const uint64_t h = hs[j].load(std::memory_order_relaxed);
+    if (ch_cached(h)) continue;
+    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
+    uint8_t* dst = block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
+    // No source (the producer wrote the slot in place) or a source that is the
+    // slot itself: nothing to copy, the layer is only marked ready.
+    spans.push_back({dst, src ? src + uint64_t(j) * src_stride : dst, layer_bytes});
   }
-  // The bytes are copied and written back outside the lock (the blocks are ours, WRITING).
-  uint64_t written = 0;
-  for (uint32_t j = 0; j < handles.size(); ++j) {
-    if (ch_cached(handles[j])) continue;
-    uint8_t* dst = block_data(ch_index(handles[j])) + uint64_t(layer) * layer_bytes;
-    std::memcpy(dst, src + uint64_t(j) * src_stride, layer_bytes);
-    flush(dst, layer_bytes);
-    ++written;
+  return spans;
+}
+
+void Pool::mark_layer_put(TransferRef t, uint32_t layer, const CopySpan* spans, size_t n) {
+  // The bytes were written (by memcpy, non-temporal stores fenced by the kernel,
+  // or the producer in place) outside the lock: the blocks are ours, WRITING.
+  uint64_t copied = 0;
+  for (size_t j = 0; j < n; ++j) {
+    flush(spans[j].dst, spans[j].bytes);
+    if (spans[j].dst != spans[j].src) copied += spans[j].bytes;
   }
   Exclusive ex(this);
   ensure_usable();
   Channel& ch = owned_channel(t, kChanOpen);
   // SYNC POINT: layer-ready.  The layer's bytes happen-before a consumer that
   // reads ready > layer with acquire.
-  uint32_t expect = ready;
-  if (!ch.ready.cas(expect, ready + 1, std::memory_order_seq_cst)) {
+  uint32_t expect = layer;
+  if (!ch.ready.cas(expect, layer + 1, std::memory_order_seq_cst)) {
     if (expect & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
+    if ((expect & kReadyCount) != layer)
+      raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(expect & kReadyCount) +
+                                           " is next, not layer " + std::to_string(layer));
     raise(ErrorCode::kCorrupt, "transfer channel changed under its producer");
   }
   flush(&ch.ready, 4);
-  add_counter(kCtrBytesIn, written * layer_bytes);
+  add_counter(kCtrBytesIn, copied);
   if (ch.waiters.load(std::memory_order_seq_cst)) wake(ch.ready);
+}
+
+void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride) {
+  std::vector<CopySpan> spans = put_layer_spans(t, layer, src, src_stride, true);
+  copy_engine().run(spans.data(), spans.size());
+  mark_layer_put(t, layer, spans.data(), spans.size());
+}
+
+void Pool::transfer_put_layer_async(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
+                                    const std::shared_ptr<CopyGroup>& group) {
+  // Order is checked when the job runs (earlier layers may still be queued).
+  std::vector<CopySpan> spans = put_layer_spans(t, layer, src, src_stride, false);
+  auto shared = std::make_shared<std::vector<CopySpan>>(spans);
+  copy_engine().submit(group, std::move(spans), [this, t, layer, shared] {
+    mark_layer_put(t, layer, shared->data(), shared->size());
+  });
+}
+
+std::vector<uint8_t*> Pool::transfer_slots(TransferRef t, uint32_t layer, bool writable) {
+  const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
+  if (layer >= geo_.num_layers) raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range");
+  Exclusive ex(this);
+  ensure_usable();
+  Channel& ch = writable ? owned_channel(t, kChanOpen) : attached_channel(t);
+  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
+  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
+  Atomic64* hs = channel_handles(t.channel);
+  fresh(hs, 8ull * n);
+  std::vector<uint8_t*> out(n);
+  for (uint32_t j = 0; j < n; ++j) {
+    const uint64_t h = hs[j].load(std::memory_order_relaxed);
+    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
+    // A producer gets no slot of a cached block: it is sealed and shared.
+    out[j] = (writable && ch_cached(h)) ? nullptr : block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
+  }
+  return out;
+}
+
+void Pool::transfer_validate(TransferRef t, uint32_t layer) {
+  ensure_usable();
+  Channel& ch = attached_channel(t);
+  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
+  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
+  std::atomic_thread_fence(std::memory_order_acquire);
+  Atomic64* hs = channel_handles(t.channel);
+  for (uint32_t j = 0; j < n; ++j) {
+    const uint64_t h = hs[j].load(std::memory_order_relaxed);
+    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
+    if (word::gen(state(ch_index(h)).load(std::memory_order_relaxed)) != ch_gen(h))
+      raise(ch.ready.load(std::memory_order_relaxed) & kReadyAborted ? ErrorCode::kAborted : ErrorCode::kGone,
+            "block " + std::to_string(j) + " of the transfer was reused while its layer " + std::to_string(layer) +
+                " was read in place (the transfer ended; use acquire() on its keys)");
+  }
+  attached_channel(t);
+  const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
+  add_counter(kCtrBytesOut, uint64_t(n) * layer_bytes);
 }
 
 void Pool::transfer_finish(TransferRef t) {
@@ -504,11 +572,13 @@ void Pool::transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint
     handles[j] = hs[j].load(std::memory_order_relaxed);
     if (ch_index(handles[j]) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
   }
+  std::vector<CopySpan> spans(n);
   for (uint32_t j = 0; j < n; ++j) {
     const uint8_t* src = block_data(ch_index(handles[j])) + uint64_t(layer) * layer_bytes;
     fresh(src, layer_bytes);
-    std::memcpy(dst + uint64_t(j) * dst_stride, src, layer_bytes);
+    spans[j] = {dst + uint64_t(j) * dst_stride, src, layer_bytes};
   }
+  copy_engine().run(spans.data(), spans.size());
   // Validate: nothing we read can have been reused meanwhile.
   std::atomic_thread_fence(std::memory_order_acquire);
   for (uint32_t j = 0; j < n; ++j) {

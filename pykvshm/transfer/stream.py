@@ -17,20 +17,33 @@ Consumer (decode worker, another process; may open before the producer)::
 
 Every wait is bounded by a timeout and ends with the data, TransferTimeoutError,
 TransferAbortedError (either side aborted, or the producer died) or TransferGoneError.
+
+The data path (docs/design/transfer.md, "Copies"):
+
+- ``put_layer`` does not copy on the caller's thread: the copy and the layer-ready mark are queued
+  on the pool handle's copy engine and run in order; ``finish()`` (or ``wait()``) waits for them.
+  The source must stay unchanged until then (``put_layer(..., wait=True)`` copies before returning).
+- **Producer in place**: ``tx.layer_views(layer)`` gives writable views of the layer's slots in the
+  pool blocks; compute into them, then ``tx.put_layer(layer)`` marks the layer ready without a copy.
+- **Consumer in place**: ``rx.layer_views(layer)`` gives read-only views of a ready layer (no copy);
+  after using them, ``rx.validate(layer)`` raises if a block was reused meanwhile (the producer
+  aborted or died and its blocks were recycled).  After ``finish``, ``rx.acquire()`` pins the blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from typing import Any
 
 import numpy as np
 
 from .._arrays import check_blocks, host_address, is_cuda, is_torch
-from ..errors import ShapeMismatchError
+from .._copy import new_group
+from ..errors import ShapeMismatchError, ViewsAliveError
 from ..keys import keys_buffer
-from ..pool import Pool
+from ..pool import Lease, Pool, _ViewTracker
 
 __all__ = ["TransferConsumer", "TransferProducer", "request_key"]
 
@@ -49,6 +62,20 @@ def _host_layer(kv: Any) -> tuple[Any, int, int, Any]:
     return kv, addr, stride, keep
 
 
+def _slot_views(pool: Pool, addrs: list[int], writable: bool, anchor: Any) -> list[np.ndarray | None]:
+    spec = pool.spec
+    layer_bytes = spec.block_bytes // spec.num_layers
+    core = pool._live()
+    out: list[np.ndarray | None] = []
+    for a in addrs:
+        if not a:
+            out.append(None)
+            continue
+        buf = core.slot_buffer(int(a), layer_bytes, writable, anchor)
+        out.append(np.frombuffer(buf, dtype=spec.np_dtype).reshape(spec.layer_shape))
+    return out
+
+
 class TransferProducer:
     """The producer side of one request's layer-wise transfer."""
 
@@ -62,23 +89,76 @@ class TransferProducer:
         info = pool._core.transfer_info(*self._ref)
         self.cached_blocks = int(info["cached"])
         self.layers_put = 0
+        self._group = new_group()
+        self._keep: list[Any] = []       # sources of queued copies, alive until they have run
+        self._views = _ViewTracker()
+        pool._children.add(self)
 
-    def put_layer(self, layer: int, kv: Any) -> None:
+    def layer_views(self, layer: int) -> list[np.ndarray | None]:
+        """Writable zero-copy views of layer ``layer``'s slot in each block, shape ``spec.layer_shape``
+        (``None`` for a block already cached in the pool).  Write the layer's KV into them (or let an
+        engine compute into them), then call ``put_layer(layer)`` with no data: nothing is copied.
+        Delete the views before ``finish()``."""
+        self._check()
+        if not 0 <= int(layer) < self._pool.spec.num_layers:
+            raise ShapeMismatchError(f"layer {layer} is out of range for a {self._pool.spec.num_layers}-layer pool")
+        addrs = self._pool._core.transfer_slots(*self._ref, int(layer), True)
+        return _slot_views(self._pool, addrs, True, self._views.anchor(self))
+
+    def _check(self) -> None:
+        self._pool._live()
+        if self._done:
+            from ..errors import InvalidHandleError
+
+            raise InvalidHandleError("the transfer has already been finished or aborted")
+
+    def put_layer(self, layer: int, kv: Any = None, *, wait: bool = False) -> None:
         """Write layer ``layer`` of every block and wake the consumers.
 
-        ``kv`` has shape ``(num_blocks, 2, block_tokens, num_kv_heads, head_dim)`` (numpy or torch).
-        Layers go in order 0, 1, ...; blocks already cached in the pool are skipped.
+        ``kv`` has shape ``(num_blocks, 2, block_tokens, num_kv_heads, head_dim)`` (numpy or torch);
+        ``None`` when the layer was written in place through :meth:`layer_views`.  Layers go in order
+        0, 1, ...; blocks already cached in the pool are skipped.  The copy runs on the pool handle's
+        copy engine, not on this thread: ``kv`` must stay unchanged until :meth:`wait` or
+        :meth:`finish` (``wait=True`` copies before returning).  An error of a queued layer (a
+        consumer aborted, the pool was closed) is raised by the next call or by :meth:`finish`.
         """
+        self._check()
         spec = self._pool.spec
-        check_blocks(kv, spec, self.num_blocks, "put_layer data", per_block=spec.layer_shape)
-        _, addr, stride, keep = _host_layer(kv)
+        layer = int(layer)
+        if layer != self.layers_put:
+            raise ShapeMismatchError(f"layers must be put in order: layer {self.layers_put} is next, not layer {layer}")
+        if self._group.failed():
+            self._raise_failed()
+        if kv is None:
+            addr, stride, keep = 0, 0, None
+        else:
+            check_blocks(kv, spec, self.num_blocks, "put_layer data", per_block=spec.layer_shape)
+            _, addr, stride, keep = _host_layer(kv)
         try:
-            self._pool._live().transfer_put_layer(*self._ref, int(layer), addr, stride)
+            self._pool._live().transfer_put_layer_async(*self._ref, layer, addr, stride, self._group)
+            if keep is not None:
+                self._keep.append(keep)
+            if wait:
+                self.wait()
         except Exception:
             self.abort()
             raise
-        del keep
-        self.layers_put = int(layer) + 1
+        self.layers_put = layer + 1
+
+    def _raise_failed(self) -> None:
+        try:
+            self._group.wait()
+        except Exception:
+            self.abort()
+            raise
+
+    def wait(self) -> None:
+        """Wait until every queued layer is copied and marked ready (raises the first error)."""
+        try:
+            self._group.wait()
+        finally:
+            if self._group.idle():
+                self._keep.clear()
 
     def put_layers(self, layers: Any, first: int = 0, finish: bool = False) -> None:
         """Put layers ``first, first+1, ...`` from a layer-major buffer of shape
@@ -93,6 +173,7 @@ class TransferProducer:
                                      f"got {layers.shape} of {layers.dtype}")
         layer_bytes = spec.block_bytes // spec.num_layers
         try:
+            self.wait()
             self._pool._live().transfer_put_layers(*self._ref, int(first), int(layers.shape[0]), int(layers.ctypes.data),
                                                    self.num_blocks * layer_bytes, layer_bytes, bool(finish))
         except Exception:
@@ -103,10 +184,14 @@ class TransferProducer:
             self._done = True
 
     def finish(self) -> None:
-        """Seal the blocks into the prefix index and tell consumers the transfer is complete."""
+        """Wait for the queued layers, seal the blocks into the prefix index and tell consumers the
+        transfer is complete.  Raises ViewsAliveError while views from :meth:`layer_views` exist."""
         if self._done:
             return
+        if self._views.alive():
+            raise ViewsAliveError("views from layer_views() are still alive; delete them before finish()")
         try:
+            self.wait()
             self._pool._live().transfer_finish(*self._ref)
         except Exception:
             self.abort()
@@ -114,12 +199,22 @@ class TransferProducer:
         self._done = True
 
     def abort(self) -> None:
-        """Free the blocks and wake every consumer with TransferAbortedError.  Idempotent."""
+        """Free the blocks and wake every consumer with TransferAbortedError.  Idempotent.
+
+        Queued copies are waited for first (they write into the blocks being freed)."""
         if self._done:
             return
         self._done = True
+        try:
+            self._group.wait()
+        except Exception:
+            pass
+        self._keep.clear()
         if not self._pool.closed:
             self._pool._core.transfer_abort(*self._ref)
+
+    def _closed_by_pool(self) -> None:
+        self._done = True
 
     def __enter__(self) -> "TransferProducer":
         return self
@@ -146,6 +241,8 @@ class TransferConsumer:
         if request_id is None and keys is None:
             raise ValueError("give a request id or the request's block keys")
         self._pool = pool
+        self._keys = keys
+        self._views = _ViewTracker()
         core = pool._live()
         if request_id is not None:
             self._ref = core.transfer_attach(request_key(request_id), None, 0, float(timeout))
@@ -153,6 +250,7 @@ class TransferConsumer:
             kb = keys_buffer(keys)
             self._ref = core.transfer_attach(None, kb[:16], len(kb) // 16, float(timeout))
         info = core.transfer_info(*self._ref)
+        pool._children.add(self)
         self.num_blocks = int(info["num_blocks"])
         self.num_layers = int(info["num_layers"])
         self.cached_blocks = int(info["cached"])
@@ -180,6 +278,38 @@ class TransferConsumer:
         self._pool._live().transfer_copy_layer(*self._ref, int(layer), addr, stride)
         del keep
         return out
+
+    def layer_views(self, layer: int, timeout: float | None = None) -> list[np.ndarray]:
+        """Read-only zero-copy views of layer ``layer`` in each block (shape ``spec.layer_shape``),
+        after waiting for it when ``timeout`` is given.  The blocks are not pinned while the transfer
+        runs: after reading the views, call :meth:`validate` (it raises TransferGoneError or
+        TransferAbortedError if a block was reused meanwhile, and the data read must be discarded).
+        Once the transfer is finished, :meth:`acquire` pins the blocks instead."""
+        if timeout is not None:
+            self.wait_layer(layer, timeout)
+        info = self._pool._live().transfer_info(*self._ref)
+        if info["aborted"]:
+            from ..errors import TransferAbortedError
+
+            raise TransferAbortedError("the transfer was aborted")
+        if int(info["layers_ready"]) <= int(layer) and not info["done"]:
+            raise ShapeMismatchError(f"layer {layer} is not ready yet; wait for it first")
+        addrs = self._pool._core.transfer_slots(*self._ref, int(layer), False)
+        return [v for v in _slot_views(self._pool, addrs, False, self._views.anchor(self)) if v is not None]
+
+    def validate(self, layer: int) -> None:
+        """Check that no block of the transfer was reused since its layer ``layer`` was read in place."""
+        self._pool._live().transfer_validate(*self._ref, int(layer))
+
+    def acquire(self) -> Lease:
+        """Pin the transfer's blocks (once it is finished) through the prefix index: a Lease whose
+        ``views()`` stay valid until it is released."""
+        info = self._pool._live().transfer_info(*self._ref)
+        if not info["done"]:
+            raise ShapeMismatchError("the transfer is not finished yet; acquire() pins sealed blocks")
+        if self._keys is None:
+            raise ShapeMismatchError("acquire() needs the request's block keys: attach with keys=")
+        return self._pool.acquire(self._keys)
 
     def read_layer(self, layer: int, out: Any, timeout: float = 30.0) -> Any:
         """wait_layer, then copy_layer."""
@@ -224,6 +354,9 @@ class TransferConsumer:
             self._pool._core.transfer_abort(*self._ref)
 
     def close(self) -> None:
+        pass
+
+    def _closed_by_pool(self) -> None:
         pass
 
     def __enter__(self) -> "TransferConsumer":

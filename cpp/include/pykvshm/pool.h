@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "pykvshm/copy_engine.h"
 #include "pykvshm/errors.h"
 #include "pykvshm/host_lock.h"
 #include "pykvshm/layout.h"
@@ -35,6 +36,8 @@ struct PoolOptions {
   bool block_checksums = false;  // create only
   uint64_t host_id = 0;          // 0: derive from boot id + pid namespace
   uint64_t lease_ns = 10'000'000'000ull;  // members of other hosts are dead after this silence
+  unsigned copy_threads = 1;                    // the copy engine's threads (process-local)
+  CopyKernel copy_kernel = CopyKernel::kAuto;   // the copy engine's kernel (process-local)
 };
 
 struct Stats {
@@ -129,6 +132,17 @@ class Pool {
   void release(const uint64_t* handles, size_t n);
   const uint8_t* pinned_block(uint64_t handle);             // a block this member has pinned
   void copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride);
+  // Batched gather / scatter through the copy engine: span j copies bytes[j] between
+  // block handles[j] at offsets[j] and the process address addrs[j].  read_spans needs
+  // blocks this member has pinned, write_spans blocks it is writing (WRITING, its own);
+  // every offset + size is checked against the block.  With a group the copy is
+  // queued and the call returns at once (the caller keeps the blocks pinned / the
+  // buffers alive until group->wait()); without, it copies before returning.
+  void read_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* addrs, const uint64_t* bytes,
+                  size_t n, const std::shared_ptr<CopyGroup>& group);
+  void write_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* addrs, const uint64_t* bytes,
+                   size_t n, const std::shared_ptr<CopyGroup>& group);
+  CopyEngine& copy_engine();  // started on first use; drained by close()
   // reserve / commit / abort: the incremental writer path
   size_t reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles);
   void commit(const uint64_t* handles, size_t n);
@@ -148,7 +162,19 @@ class Pool {
   TransferRef transfer_open(const uint8_t req_key[16], const uint8_t* keys, size_t n);
   // Producer: copy layer `layer` (== layers ready so far) of every non-cached block from src
   // (block j's layer at src + j * src_stride) and wake the consumers.
+  // src == nullptr, or a source that already is the layer slot: the layer was written in
+  // place (transfer_slots) and is only marked ready.
   void transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride);
+  // The same on the copy engine: returns at once; the copy and then the layer-ready mark run
+  // on the engine's thread in submission order.  Errors reach group->wait().  The caller keeps
+  // src alive and waits for the group before finish / abort.
+  void transfer_put_layer_async(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
+                                const std::shared_ptr<CopyGroup>& group);
+  // Addresses of layer `layer`'s slot in each of the transfer's blocks: writable ones for the
+  // producer (nullptr for cached blocks), read-only ones for a consumer (validate after reading).
+  std::vector<uint8_t*> transfer_slots(TransferRef t, uint32_t layer, bool writable);
+  // Consumer: after reading slots in place, check none of the blocks was reused meanwhile.
+  void transfer_validate(TransferRef t, uint32_t layer);
   void transfer_finish(TransferRef t);   // seal into the prefix index, mark done
   void transfer_abort(TransferRef t);    // producer: free, mark aborted; consumer: flag abort
   // Consumer: find an open or finished transfer by request key or by (first key, count).
@@ -271,6 +297,10 @@ class Pool {
     return *ch;
   }
   Atomic64* channel_handles(uint32_t c) const { return reinterpret_cast<Atomic64*>(&channel(c) + 1); }
+  std::vector<CopySpan> put_layer_spans(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
+                                        bool check_order);
+  void mark_layer_put(TransferRef t, uint32_t layer, const CopySpan* spans, size_t n);
+  void check_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* bytes, size_t n) const;
   layout::Channel& owned_channel(TransferRef t, uint64_t status) const;
   layout::Channel& attached_channel(TransferRef t) const;
   void abort_channels_of(const uint64_t mask[2]);
@@ -301,6 +331,11 @@ class Pool {
   mutable std::recursive_mutex lock_mu_;
   mutable uint32_t lock_depth_ = 0;
   mutable HostLock lock_;
+
+  unsigned copy_threads_ = 1;
+  CopyKernel copy_kernel_ = CopyKernel::kAuto;
+  std::mutex engine_mu_;
+  std::unique_ptr<CopyEngine> engine_;
 
   mutable std::mutex pin_mu_;
   std::vector<uint32_t> pin_count_;  // this member's pins per block
