@@ -16,6 +16,9 @@ from typing import Any
 
 from pykvshm.benchmarks.common import (
     ALL_TRANSPORTS,
+    HANDOFF_TRANSPORTS,
+    POOL_MODES,
+    is_pool,
     TRANSPORT_OPTIONS,
     Link,
     close_after_peer,
@@ -44,6 +47,9 @@ from pykvshm.benchmarks.common import (
 
 __all__ = [
     "ALL_TRANSPORTS",
+    "HANDOFF_TRANSPORTS",
+    "POOL_MODES",
+    "is_pool",
     "Link",
     "RESULTS_DIR",
     "TRANSPORT_OPTIONS",

@@ -49,7 +49,7 @@ def run_transport(name: str, sizes: list[int], args, bar_total: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--transports", default=",".join(common.ALL_TRANSPORTS))
+    ap.add_argument("--transports", default=",".join(common.HANDOFF_TRANSPORTS))
     ap.add_argument("--sizes", default=None, help=f"comma list (default {DEFAULT_SIZES})")
     ap.add_argument("--layers", type=int, default=32, help="layers per request (the pool puts and reads each)")
     ap.add_argument("--reps-scale", type=float, default=1.0, help="multiply the default repetition counts")

@@ -60,11 +60,11 @@ def _side(role: str, link: common.Link, *, transport: str, pool: str | None, spe
     from pykvshm import KVSpec
 
     layers = spec["num_layers"]
-    opts = {"pool": pool, "spec": KVSpec(**spec)} if transport == "pool" else {}
+    opts = {"pool": pool, "spec": KVSpec(**spec)} if common.is_pool(transport) else {}
     side = common.make_side(transport, role, **opts)
     link.send(("meta", side.metadata()))
     side.connect(link.expect("meta"), timeout=60)
-    if transport == "pool":
+    if common.is_pool(transport):
         common.warm_pool_in_turn(side, role, link)
     buf = payload(nbytes) if role == "producer" else np.zeros(nbytes, np.uint8)
     expect = payload(nbytes) if role == "consumer" else None
@@ -119,7 +119,7 @@ def run_transport(name: str, args, spec: dict, nbytes: int) -> dict:
     from pykvshm import KVSpec, Pool
 
     pname, pool = None, None
-    if name == "pool":
+    if common.is_pool(name):
         ks = KVSpec(**spec)
         n = nbytes // ks.block_bytes
         pname = common.unique_pool_name("stream")
@@ -162,7 +162,7 @@ def run_transport(name: str, args, spec: dict, nbytes: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--transports", default=",".join(common.ALL_TRANSPORTS))
+    ap.add_argument("--transports", default="pool,pool-inplace,tcp,nixl,mooncake")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens (a multiple of 16)")
     ap.add_argument("--kv-heads", type=int, default=8)

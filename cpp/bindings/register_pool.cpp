@@ -427,9 +427,12 @@ void register_pool(py::module_& m) {
              const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
              if (block_stride < layer_bytes) throw py::value_error("source block stride is smaller than a layer");
              py::gil_scoped_release rel;
-             for (uint32_t l = first; l < first + count; ++l)
-               p.transfer_put_layer({ch, epoch}, l, reinterpret_cast<const uint8_t*>(src) + (l - first) * layer_stride,
-                                    block_stride);
+             if (src == 0)  // written in place: nothing to copy, one ready update for the range
+               p.transfer_mark_layers({ch, epoch}, first, count);
+             else
+               for (uint32_t l = first; l < first + count; ++l)
+                 p.transfer_put_layer({ch, epoch}, l, reinterpret_cast<const uint8_t*>(src) + (l - first) * layer_stride,
+                                      block_stride);
              if (finish) p.transfer_finish({ch, epoch});
            })
       .def("transfer_put_layer_async",

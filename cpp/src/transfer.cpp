@@ -271,6 +271,31 @@ void Pool::mark_layer_put(TransferRef t, uint32_t layer, const CopySpan* spans, 
   if (ch.waiters.load(std::memory_order_seq_cst)) wake(ch.ready);
 }
 
+void Pool::transfer_mark_layers(TransferRef t, uint32_t first, uint32_t count) {
+  if (count == 0) return;
+  if (uint64_t(first) + count > geo_.num_layers)
+    raise(ErrorCode::kInvalidHandle, "layers " + std::to_string(first) + ".." + std::to_string(first + count - 1) +
+                                         " are out of range for a " + std::to_string(geo_.num_layers) + "-layer pool");
+  // The slots were written in place: write them back (noncoherent), then one ready
+  // update and one wake for the whole range.
+  for (uint32_t l = first; l < first + count; ++l) {
+    std::vector<CopySpan> spans = put_layer_spans(t, l, nullptr, 0, l == first);
+    for (const CopySpan& s : spans) flush(s.dst, s.bytes);
+  }
+  Exclusive ex(this);
+  ensure_usable();
+  Channel& ch = owned_channel(t, kChanOpen);
+  // SYNC POINT: layer-ready (as in mark_layer_put).
+  uint32_t expect = first;
+  if (!ch.ready.cas(expect, first + count, std::memory_order_seq_cst)) {
+    if (expect & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
+    raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(expect & kReadyCount) +
+                                         " is next, not layer " + std::to_string(first));
+  }
+  flush(&ch.ready, 4);
+  if (ch.waiters.load(std::memory_order_seq_cst)) wake(ch.ready);
+}
+
 void Pool::transfer_put_layer(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride) {
   std::vector<CopySpan> spans = put_layer_spans(t, layer, src, src_stride, true);
   copy_engine().run(spans.data(), spans.size());

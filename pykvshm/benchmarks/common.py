@@ -30,10 +30,16 @@ from typing import Any
 import numpy as np
 
 ALL_TRANSPORTS = ("pool", "tcp", "nixl", "mooncake")
+# The pool as engines use it in place (the handoff benchmark): the producer's KV is already in the
+# pool's blocks ("pool-inplace"), and also the consumer reads the blocks where they are ("pool-zerocopy").
+POOL_MODES = ("pool-inplace", "pool-zerocopy")
+HANDOFF_TRANSPORTS = ("pool", *POOL_MODES, "tcp", "nixl", "mooncake")
 
 # transport -> (options for both sides, environment for the children)
 TRANSPORT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "pool": ({}, {}),
+    "pool-inplace": ({"producer_in_place": True}, {}),
+    "pool-zerocopy": ({"producer_in_place": True, "consumer_in_place": True}, {}),
     "tcp": ({}, {}),
     # UCX picks CMA (process_vm_writev) for the data and tcp/lo for the notification here
     "nixl": ({"ucx_net_devices": "lo"}, {}),
@@ -136,7 +142,7 @@ def transport_status(name: str) -> str | None:
     """None when ``name`` can run here, else the reason it cannot (printed when skipped)."""
     if name not in TRANSPORT_OPTIONS:
         return f"unknown transport (known: {', '.join(ALL_TRANSPORTS)})"
-    if name in ("pool", "tcp"):
+    if name in ("pool", "pool-inplace", "pool-zerocopy", "tcp"):
         return None
     from pykvshm.transfer.baselines import get_transport
 
@@ -167,6 +173,11 @@ def select_transports(text: str) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
+def is_pool(name: str) -> bool:
+    """The pool transport, in any of its modes."""
+    return name == "pool" or name.startswith("pool-")
+
+
 def make_side(name: str, role: str, **pool_options: Any):
     """One side (``role`` = producer / consumer) of transport ``name``.
 
@@ -176,7 +187,7 @@ def make_side(name: str, role: str, **pool_options: Any):
 
     options = dict(TRANSPORT_OPTIONS[name][0])
     options.update(pool_options)
-    cls = get_transport(name)
+    cls = get_transport("pool" if is_pool(name) else name)
     return cls.producer(**options) if role == "producer" else cls.consumer(**options)
 
 

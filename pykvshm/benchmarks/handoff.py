@@ -72,14 +72,14 @@ def _side(role: str, link: common.Link, *, transport: str, plan: list[dict], tok
 
     out: dict[int, list] = {}
     shared = None
-    if transport != "pool":  # one connection for the whole run, as an engine keeps it
+    if not common.is_pool(transport):  # one connection for the whole run, as an engine keeps it
         shared = common.make_side(transport, role)
         link.send(("meta", shared.metadata()))
         shared.connect(link.expect("meta"), timeout=60)
     for item in plan:
         size, reps, warm, layers = item["size"], item["reps"], item["warmup"], item["spec"]["num_layers"]
-        if transport == "pool":
-            side = common.make_side("pool", role, pool=item["pool"], spec=KVSpec(**item["spec"]))
+        if common.is_pool(transport):
+            side = common.make_side(transport, role, pool=item["pool"], spec=KVSpec(**item["spec"]))
             link.send(("meta", side.metadata()))
             side.connect(link.expect("meta"), timeout=60)
             common.warm_pool_in_turn(side, role, link)  # map every page before timing
@@ -99,6 +99,8 @@ def _side(role: str, link: common.Link, *, transport: str, plan: list[dict], tok
                 side.wait(rid, timeout=120)
                 t1 = common.now()
                 assert expect is not None
+                if rep in check_at and getattr(side, "consumer_in_place", False):
+                    side.check_in_place(rid)  # read the views into buf, after the timed span
                 if rep in check_at and not np.array_equal(buf, expect):
                     bad = int(np.flatnonzero(buf != expect)[0])
                     raise AssertionError(f"{transport}: corrupt data at {size} bytes, rep {rep}, first bad byte {bad}")
@@ -118,7 +120,7 @@ def _side(role: str, link: common.Link, *, transport: str, plan: list[dict], tok
                 side.release(rid)
                 rows.append((tp, t0, t2))
         out[size] = rows
-        if transport == "pool":
+        if common.is_pool(transport):
             side.close()
     common.close_after_peer(shared, role, link)
     return out
@@ -140,7 +142,7 @@ def run_transport(name: str, sizes: list[int], *, layers: int = 32, reps_scale: 
             reps, warm = reps_for(size, reps_scale, quick)
             sa = spec_args(size, layers)
             item: dict[str, Any] = {"size": size, "reps": reps, "warmup": warm, "spec": sa, "pool": None}
-            if name == "pool":
+            if common.is_pool(name):
                 spec = KVSpec(**sa)
                 n = size // spec.block_bytes
                 pool = pools.enter_context(common.scratch_pool("handoff", spec, common.pool_capacity(spec, n),

@@ -97,7 +97,7 @@ def bench_match(quick: bool) -> dict[str, Any]:
 
 def _transports() -> tuple[list[str], dict[str, str]]:
     """pool and tcp always; nixl and mooncake when they can run here."""
-    names, skipped = ["pool", "tcp"], {}
+    names, skipped = ["pool", *common.POOL_MODES, "tcp"], {}
     for name in ("nixl", "mooncake"):
         reason = common.transport_status(name)
         if reason is None:

@@ -6,6 +6,13 @@ The request buffer is layer-major: ``num_layers`` slices, each ``n`` blocks of o
 numpy array viewable as ``(num_layers, n, 2, block_tokens, num_kv_heads, head_dim)`` of the pool's
 dtype.  ``send_layer`` writes that layer into the pool's blocks and wakes the consumer (futex in
 the pool); the consumer's ``wait_layer`` sleeps on it and copies the layer into its own buffer.
+
+Two options model engines that work on the pool's memory directly (docs/design/transfer.md):
+``producer_in_place=True``: the request's KV is already in the pool's blocks when it is sent (the
+producer computed into ``TransferProducer.layer_views``; here ``prepare`` writes it there, outside
+the timed span), so ``send`` only marks layers ready.  ``consumer_in_place=True``: ``wait`` returns
+once every layer is ready, and the consumer reads the blocks where they are (``layer_views``);
+the request buffer is filled from those views only by ``check_in_place`` (for verification).
 """
 
 from __future__ import annotations
@@ -49,8 +56,11 @@ def _translate(request_id: str, e: Exception) -> Exception:
 
 class _PoolSide:
     def __init__(self, pool: str, spec: KVSpec | None = None, create: bool = False, capacity: str | int = "1GiB",
-                 prefault: bool = False, **pool_options: Any) -> None:
+                 prefault: bool = False, producer_in_place: bool = False, consumer_in_place: bool = False,
+                 **pool_options: Any) -> None:
         self._name = pool
+        self.producer_in_place = bool(producer_in_place)
+        self.consumer_in_place = bool(consumer_in_place)
         if create:
             if spec is None:
                 raise ValueError("creating the pool needs spec=")
@@ -117,6 +127,14 @@ class PoolProducer(_PoolSide, Producer):
             keys = r["keys"] or request_block_keys(request_id, r["n"])
             try:
                 r["side"] = TransferProducer(self._pool, request_id, keys)
+                if self.producer_in_place:
+                    # What an engine computing into the pool would have done: the KV is in the slots.
+                    tx: TransferProducer = r["side"]
+                    for layer in range(self.spec.num_layers):
+                        for j, v in enumerate(tx.layer_views(layer)):
+                            if v is not None:
+                                v[...] = r["layers"][layer, j]
+                        del v
             except PoolError as e:
                 raise _translate(request_id, e) from e
 
@@ -125,7 +143,13 @@ class PoolProducer(_PoolSide, Producer):
         r = self._req(request_id)
         tx: TransferProducer = r["side"]
         try:
-            tx.put_layers(r["layers"][layer : layer + 1], first=layer, finish=layer == self.spec.num_layers - 1)
+            if self.producer_in_place:
+                tx.mark_layers(layer, 1, finish=layer == self.spec.num_layers - 1)
+                return
+            # Queued on the copy engine: this thread goes back to computing the next layer.
+            tx.put_layer(layer, r["layers"][layer])
+            if layer == self.spec.num_layers - 1:
+                tx.finish()
         except PoolError as e:
             raise _translate(request_id, e) from e
 
@@ -136,6 +160,9 @@ class PoolProducer(_PoolSide, Producer):
         tx: TransferProducer = r["side"]
         first = tx.layers_put
         try:
+            if self.producer_in_place:
+                tx.mark_layers(first, self.spec.num_layers - first, finish=True)
+                return
             tx.put_layers(r["layers"][first:], first=first, finish=True)
         except PoolError as e:
             raise _translate(request_id, e) from e
@@ -167,6 +194,10 @@ class PoolConsumer(_PoolSide, Consumer):
             return
         rx = self._attach(request_id, timeout)
         try:
+            if self.consumer_in_place:
+                rx.wait_layer(layer, timeout)
+                r["done"].add(layer)
+                return
             rx.read_layers_into(r["layers"][layer : layer + 1], first=layer, timeout=timeout)
         except PoolError as e:
             raise _translate(request_id, e) from e
@@ -181,10 +212,26 @@ class PoolConsumer(_PoolSide, Consumer):
             return
         rx = self._attach(request_id, timeout)
         try:
+            if self.consumer_in_place:
+                rx.wait_layer(self.spec.num_layers - 1, timeout)  # layers become ready in order
+                r["done"].update(range(first, self.spec.num_layers))
+                return
             rx.read_layers_into(r["layers"][first:], first=first, timeout=timeout)  # one call, layers as they come
         except PoolError as e:
             raise _translate(request_id, e) from e
         r["done"].update(range(first, self.spec.num_layers))
+
+    def check_in_place(self, request_id: str) -> None:
+        """Consumer in place: copy the request's layers from the pool views into its buffer and
+        validate them (for checking the data; not part of a handoff)."""
+        r = self._req(request_id)
+        rx: TransferConsumer = r["side"]
+        for layer in range(self.spec.num_layers):
+            views = rx.layer_views(layer)
+            for j, v in enumerate(views):
+                r["layers"][layer, j] = v
+            del views
+            rx.validate(layer)
 
     def abort(self, request_id: str, reason: str = "") -> None:
         self._aborted.add(request_id)

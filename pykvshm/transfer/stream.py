@@ -126,7 +126,10 @@ class TransferProducer:
         spec = self._pool.spec
         layer = int(layer)
         if layer != self.layers_put:
-            raise ShapeMismatchError(f"layers must be put in order: layer {self.layers_put} is next, not layer {layer}")
+            from ..errors import InvalidHandleError
+
+            self.abort()
+            raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {layer}")
         if self._group.failed():
             self._raise_failed()
         if kv is None:
@@ -135,6 +138,11 @@ class TransferProducer:
             check_blocks(kv, spec, self.num_blocks, "put_layer data", per_block=spec.layer_shape)
             _, addr, stride, keep = _host_layer(kv)
         try:
+            if kv is None and self._group.idle():
+                # Nothing to copy and nothing queued: mark it here (no thread hop).
+                self._pool._live().transfer_put_layer(*self._ref, layer, 0, 0)
+                self.layers_put = layer + 1
+                return
             self._pool._live().transfer_put_layer_async(*self._ref, layer, addr, stride, self._group)
             if keep is not None:
                 self._keep.append(keep)
@@ -180,6 +188,28 @@ class TransferProducer:
             self.abort()
             raise
         self.layers_put = int(first) + int(layers.shape[0])
+        if finish:
+            self._done = True
+
+    def mark_layers(self, first: int, count: int, finish: bool = False) -> None:
+        """Mark layers ``first .. first+count-1`` ready without copying (they were written in place
+        through :meth:`layer_views`), in one call; ``finish=True`` finishes the transfer too."""
+        self._check()
+        if int(first) != self.layers_put:
+            from ..errors import InvalidHandleError
+
+            self.abort()
+            raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {first}")
+        if finish and self._views.alive():
+            raise ViewsAliveError("views from layer_views() are still alive; delete them before finish()")
+        layer_bytes = self._pool.spec.block_bytes // self._pool.spec.num_layers
+        try:
+            self.wait()
+            self._pool._live().transfer_put_layers(*self._ref, int(first), int(count), 0, 0, layer_bytes, bool(finish))
+        except Exception:
+            self.abort()
+            raise
+        self.layers_put = int(first) + int(count)
         if finish:
             self._done = True
 

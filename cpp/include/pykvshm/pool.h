@@ -170,6 +170,8 @@ class Pool {
   // src alive and waits for the group before finish / abort.
   void transfer_put_layer_async(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
                                 const std::shared_ptr<CopyGroup>& group);
+  // Layers [first, first+count) were written in place: mark them ready with one update and one wake.
+  void transfer_mark_layers(TransferRef t, uint32_t first, uint32_t count);
   // Addresses of layer `layer`'s slot in each of the transfer's blocks: writable ones for the
   // producer (nullptr for cached blocks), read-only ones for a consumer (validate after reading).
   std::vector<uint8_t*> transfer_slots(TransferRef t, uint32_t layer, bool writable);
