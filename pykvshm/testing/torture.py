@@ -77,16 +77,42 @@ def _worker(name: str, slot: int, seed: int, prompts: int, blocks: int, wrong, r
             if op < 0.40:
                 keys = _prompt_keys(spec, rng.randrange(prompts), blocks)
                 upto = rng.randint(1, blocks)
-                if rng.random() < 0.5:
+                how = rng.random()
+                if how < 0.35:
                     pool.publish(keys[:upto], blocks_for_keys(keys[:upto], spec))
-                else:
+                elif how < 0.65:
                     with pool.writer(keys[:upto]) as w:
                         write_layer_by_layer(w, keys[:upto], spec)
+                else:
+                    # A layer-wise transfer whose copies are queued on the copy engine (a kill
+                    # lands with copies in flight), some layers written in place.
+                    from ..transfer import TransferProducer
+
+                    data = blocks_for_keys(keys[:upto], spec)
+                    with TransferProducer(pool, f"torture-{slot}-{rng.random()}", keys[:upto]) as tx:
+                        for layer in range(spec.num_layers):
+                            if rng.random() < 0.3:
+                                views = tx.layer_views(layer)
+                                for j, v in enumerate(views):
+                                    if v is not None:
+                                        v[...] = data[j, layer]
+                                del views
+                                tx.put_layer(layer)
+                            else:
+                                tx.put_layer(layer, np.ascontiguousarray(data[:, layer]))
             elif op < 0.80:
                 keys = _prompt_keys(spec, rng.randrange(prompts), blocks)
                 with pool.acquire(keys) as lease:
                     n = len(lease)
-                    bad = count_wrong_blocks(lease, keys, None if rng.random() < 0.5 else out)
+                    if rng.random() < 0.3 and n:
+                        # The batched gather, queued on the copy engine (release waits for it).
+                        fut = lease.read_spans(out, np.arange(n), 0, np.arange(n) * spec.block_bytes,
+                                               spec.block_bytes, wait=False)
+                        fut.wait()
+                        want = blocks_for_keys(keys[:n], spec)
+                        bad = int(sum(out[j].tobytes() != want[j].tobytes() for j in range(n)))  # NaN-safe
+                    else:
+                        bad = count_wrong_blocks(lease, keys, None if rng.random() < 0.5 else out)
                 if bad:
                     wrong[slot] += bad
                 reads[slot] += n

@@ -41,7 +41,7 @@ import numpy as np
 
 from .._arrays import check_blocks, host_address, is_cuda, is_torch
 from .._copy import new_group
-from ..errors import ShapeMismatchError, ViewsAliveError
+from ..errors import ShapeMismatchError
 from ..keys import keys_buffer
 from ..pool import Lease, Pool, _ViewTracker
 
@@ -92,18 +92,32 @@ class TransferProducer:
         self._group = new_group()
         self._keep: list[Any] = []       # sources of queued copies, alive until they have run
         self._views = _ViewTracker()
+        self._handed: list[weakref.ref[np.ndarray]] = []
         pool._children.add(self)
 
     def layer_views(self, layer: int) -> list[np.ndarray | None]:
         """Writable zero-copy views of layer ``layer``'s slot in each block, shape ``spec.layer_shape``
         (``None`` for a block already cached in the pool).  Write the layer's KV into them (or let an
         engine compute into them), then call ``put_layer(layer)`` with no data: nothing is copied.
-        Delete the views before ``finish()``."""
+        ``finish()`` and ``abort()`` make these views read-only (the blocks are sealed or freed
+        then; reading them afterwards needs a pin: ``pool.acquire(keys)``)."""
         self._check()
         if not 0 <= int(layer) < self._pool.spec.num_layers:
             raise ShapeMismatchError(f"layer {layer} is out of range for a {self._pool.spec.num_layers}-layer pool")
         addrs = self._pool._core.transfer_slots(*self._ref, int(layer), True)
-        return _slot_views(self._pool, addrs, True, self._views.anchor(self))
+        views = _slot_views(self._pool, addrs, True, self._views.anchor(self))
+        self._handed.extend(weakref.ref(v) for v in views if v is not None)
+        return views
+
+    def _seal_views(self) -> None:
+        # Views handed out by layer_views() become read-only: the blocks are sealed (or freed) now,
+        # so a late write raises "assignment destination is read-only" instead of changing
+        # published KV.
+        for r in self._handed:
+            v = r()
+            if v is not None:
+                v.flags.writeable = False
+        self._handed.clear()
 
     def _check(self) -> None:
         self._pool._live()
@@ -200,11 +214,11 @@ class TransferProducer:
 
             self.abort()
             raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {first}")
-        if finish and self._views.alive():
-            raise ViewsAliveError("views from layer_views() are still alive; delete them before finish()")
         layer_bytes = self._pool.spec.block_bytes // self._pool.spec.num_layers
         try:
             self.wait()
+            if finish:
+                self._seal_views()
             self._pool._live().transfer_put_layers(*self._ref, int(first), int(count), 0, 0, layer_bytes, bool(finish))
         except Exception:
             self.abort()
@@ -215,13 +229,12 @@ class TransferProducer:
 
     def finish(self) -> None:
         """Wait for the queued layers, seal the blocks into the prefix index and tell consumers the
-        transfer is complete.  Raises ViewsAliveError while views from :meth:`layer_views` exist."""
+        transfer is complete."""
         if self._done:
             return
-        if self._views.alive():
-            raise ViewsAliveError("views from layer_views() are still alive; delete them before finish()")
         try:
             self.wait()
+            self._seal_views()
             self._pool._live().transfer_finish(*self._ref)
         except Exception:
             self.abort()
@@ -240,6 +253,7 @@ class TransferProducer:
         except Exception:
             pass
         self._keep.clear()
+        self._seal_views()
         if not self._pool.closed:
             self._pool._core.transfer_abort(*self._ref)
 
