@@ -55,7 +55,13 @@ def _info_dict(pool: Pool) -> dict[str, Any]:
             "block_bytes": s.block_bytes,
         },
         "members": [m for m in pool.members() if not m["self"]],
+        "pages": _pages(pool),
     }
+
+
+def _pages(pool: Pool) -> dict[str, Any]:
+    pl = pool.placement
+    return {"page_size": pl.get("page_size"), "huge_pages_refusal": pl.get("huge_pages_refusal")}
 
 
 def _human_info(d: dict[str, Any]) -> str:
@@ -68,6 +74,8 @@ def _human_info(d: dict[str, Any]) -> str:
         f"geometry    {s['num_layers']} layers x 2 x {s['block_tokens']} tokens x {s['num_kv_heads']} kv heads x "
         f"{s['head_dim']} ({s['dtype']})",
         f"created     {d['created']}",
+        f"pages       {d['pages']['page_size'] // 1024} KiB"
+        + (f" (no 2 MiB pages: {d['pages']['huge_pages_refusal']})" if d["pages"]["huge_pages_refusal"] else ""),
         f"members     {len(d['members'])}",
     ]
     for m in d["members"]:

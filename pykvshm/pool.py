@@ -13,7 +13,14 @@ import numpy as np
 from . import _core
 from ._copy import CopyFuture, buffer_extent, new_group, span_columns
 from ._arrays import check_blocks, host_address, is_cuda, is_torch
-from .errors import GeometryMismatchError, PoolClosedError, PoolNotFoundError, ShapeMismatchError, ViewsAliveError
+from .errors import (
+    GeometryMismatchError,
+    PlacementError,
+    PoolClosedError,
+    PoolNotFoundError,
+    ShapeMismatchError,
+    ViewsAliveError,
+)
 from .keys import keys_buffer
 from .spec import KVSpec, parse_size
 
@@ -60,6 +67,19 @@ def _engine_options(threads: Any, kernel: Any) -> dict[str, int]:
     if kernel not in _KERNELS:
         raise ValueError(f"copy_kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     return {"copy_threads": threads, "copy_kernel": _KERNELS[kernel]}
+
+
+def _with_huge_pages(huge_pages: Any, make: Any) -> tuple[Any, str | None]:
+    """Run ``make(huge)`` for ``huge_pages`` True / False / "auto" (try, then fall back to small pages
+    with the refusal's text; a refused placement creates nothing, so the retry starts clean)."""
+    if huge_pages == "auto":
+        try:
+            return make(True), None
+        except PlacementError as e:
+            return make(False), str(e)
+    if not isinstance(huge_pages, bool):
+        raise ValueError(f"huge_pages must be True, False or 'auto', got {huge_pages!r}")
+    return make(huge_pages), None
 
 
 def _parse_uuid(u: Any) -> _uuid.UUID:
@@ -122,6 +142,7 @@ class Pool:
         self._core = core
         self._name = name
         self._block_views: dict[int, _ViewTracker] = {}
+        self._huge_refusal: str | None = None
         self._children: weakref.WeakSet[Any] = weakref.WeakSet()
         try:
             self._spec = KVSpec._from_geometry(core.geometry)
@@ -139,7 +160,7 @@ class Pool:
         *,
         mode: int = 0o600,
         prefault: bool = False,
-        huge_pages: bool = False,
+        huge_pages: bool | str = False,
         numa_node: int | None = None,
         coherence: str = "coherent",
         checksums: bool = False,
@@ -152,7 +173,9 @@ class Pool:
 
         ``prefault`` maps every page now (no first-touch cost later); ``huge_pages``
         asks for 2 MiB pages (a hugetlbfs path and device DAX always have them; on
-        tmpfs they need transparent huge pages); ``numa_node`` binds the memory to a
+        tmpfs they need transparent huge pages); ``huge_pages="auto"`` takes them where
+        the system allows and otherwise falls back to 4 KiB pages, with the reason in
+        ``placement["huge_pages_refusal"]``; ``numa_node`` binds the memory to a
         NUMA node (CXL memory is a CPU-less node).  Unavailable placement raises
         :class:`~pykvshm.errors.PlacementError` naming what the machine has.  On
         device DAX (``/dev/daxX.Y``) the pool takes the whole device and ``capacity``
@@ -172,14 +195,19 @@ class Pool:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
         if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
             raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
-        core = _core.Pool.create(
-            str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
-            spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
-            huge_pages=bool(huge_pages), numa_node=-1 if numa_node is None else int(numa_node),
-            coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
-            lease_s=float(lease), **_engine_options(copy_threads, copy_kernel),
-        )
-        return cls(core, str(name))
+        def make(huge: bool) -> Any:
+            return _core.Pool.create(
+                str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
+                spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
+                huge_pages=huge, numa_node=-1 if numa_node is None else int(numa_node),
+                coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
+                lease_s=float(lease), **_engine_options(copy_threads, copy_kernel),
+            )
+
+        core, refusal = _with_huge_pages(huge_pages, make)
+        pool = cls(core, str(name))
+        pool._huge_refusal = refusal
+        return pool
 
     @classmethod
     def open(
@@ -189,7 +217,7 @@ class Pool:
         *,
         uuid: str | _uuid.UUID | None = None,
         prefault: bool = False,
-        huge_pages: bool = False,
+        huge_pages: bool | str = False,
         numa_node: int | None = None,
         host_id: int | None = None,
         lease: float = 10.0,
@@ -215,12 +243,16 @@ class Pool:
                                              spec.dtype_code, spec.itemsize)
         if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
             raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
-        core = _core.Pool.open(
-            str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
-            numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
-            expect=expect, **_engine_options(copy_threads, copy_kernel),
-        )
+        def attach(huge: bool) -> Any:
+            return _core.Pool.open(
+                str(name), prefault=bool(prefault), huge_pages=huge,
+                numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0),
+                lease_s=float(lease), expect=expect, **_engine_options(copy_threads, copy_kernel),
+            )
+
+        core, refusal = _with_huge_pages(huge_pages, attach)
         pool = cls(core, str(name))
+        pool._huge_refusal = refusal
         if want is not None and pool.uuid != str(want):
             got, path = pool.uuid, pool.path
             pool.close()
@@ -344,6 +376,15 @@ class Pool:
         p = dict(self._live().placement)
         for k in ("numa_node", "device_node"):
             p[k] = None if p[k] < 0 else int(p[k])
+        p["huge_pages_refusal"] = None
+        if int(p.get("page_size") or 0) < (2 << 20):
+            # Why this mapping is on small pages: the refusal a huge_pages="auto" open fell back
+            # from, else what the system would say to a request for transparent huge pages.
+            why = self._huge_refusal
+            if why is None and p.get("backend") != "devdax":
+                why = str(_core.transparent_huge_pages_refusal(self.path)) or \
+                    "2 MiB pages were not requested (huge_pages=False)"
+            p["huge_pages_refusal"] = why
         p.update(_numa_maps(int(self._core.address)))
         return p
 

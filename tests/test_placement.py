@@ -141,6 +141,23 @@ def test_huge_pages_on_tmpfs_without_thp_is_a_clear_error(pool_name: str, spec: 
     assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
 
 
+def test_huge_pages_auto_falls_back_with_the_reason(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    point, fstype, opts = _mount_of("/dev/shm")
+    huge = dict(o.split("=", 1) for o in opts.split(",") if "=" in o).get("huge", "never")
+    if fstype != "tmpfs" or huge != "never":
+        pytest.skip(f"/dev/shm ({fstype}, huge={huge}) may give huge pages here")
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="4MiB", huge_pages="auto") as p:
+        pl = p.placement
+        assert pl["page_size"] == 4096 and not pl["huge_pages"]
+        assert "huge=never" in pl["huge_pages_refusal"] and pool_name in pl["huge_pages_refusal"]
+        with pykvshm.Pool.open(pool_name, huge_pages="auto") as q:
+            assert "huge=never" in q.placement["huge_pages_refusal"]
+        with pykvshm.Pool.open(pool_name) as q:  # not asked: the system's answer is still reported
+            assert "huge=never" in q.placement["huge_pages_refusal"]
+    with pytest.raises(ValueError, match="huge_pages must be True, False or 'auto'"):
+        pykvshm.Pool.open(pool_name, huge_pages="yes")
+
+
 def test_huge_pages_on_a_regular_filesystem_is_a_clear_error(tmp_path: Path, spec: pykvshm.KVSpec) -> None:
     point, fstype, opts = _mount_of(str(tmp_path))
     if fstype in ("tmpfs", "hugetlbfs") or "dax" in opts.split(","):
@@ -163,7 +180,7 @@ if r.returncode != 0:
 spec = pykvshm.KVSpec(2, 2, 8, 4)
 out = {}
 try:
-    with pykvshm.Pool.create(mnt + "/pool", spec=spec, capacity="8MiB", prefault=True) as p:
+    with pykvshm.Pool.create(mnt + "/pool", spec=spec, capacity="8MiB", prefault=True, huge_pages="auto") as p:
         out = {"ok": True, "placement": p.placement, "total": p.total_bytes}
 except pykvshm.errors.PlacementError as e:
     out = {"ok": False, "error": str(e)}
@@ -225,3 +242,4 @@ def test_hugetlbfs_with_reserved_pages(tmp_path: Path) -> None:
     p = out["placement"]
     assert out["total"] == 8 * MiB and p["backend"] == "file" and p["huge_pages"] and p["page_size"] == 2 * MiB
     assert p["prefault"] and p["pages_per_node"] and sum(p["pages_per_node"].values()) == 4  # numa_maps counts huge pages
+    assert p["huge_pages_refusal"] is None  # huge_pages="auto" on hugetlbfs: 2 MiB pages, nothing refused

@@ -9,7 +9,11 @@
 #include <string>
 
 #include "bindings.h"
+#include "pykvshm/placement.h"
 #include "pykvshm/pool.h"
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace py = pybind11;
 
@@ -116,6 +120,22 @@ void register_pool(py::module_& m) {
         copy_spans(&s, 1, CopyKernel(kernel));
       },
       "Copy n bytes between two process addresses with a copy-engine kernel (benchmarks).");
+  m.def(
+      "transparent_huge_pages_refusal",
+      [](const std::string& path) -> std::string {
+        // Why a shm/tmpfs file at `path` cannot get transparent huge pages ("" when it can).
+        int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0) return "cannot open " + path;
+        std::string why;
+        try {
+          placement::check_file_huge_pages(fd, path);
+        } catch (const Error& e) {
+          why = e.what();
+        }
+        ::close(fd);
+        return why;
+      },
+      py::arg("path"));
   py::class_<BlockBuffer>(m, "BlockBuffer", py::buffer_protocol())
       .def_buffer([](BlockBuffer& b) {
         return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(b.size)}, {1},
