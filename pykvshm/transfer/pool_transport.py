@@ -126,15 +126,16 @@ class PoolProducer(_PoolSide, Producer):
         if r["side"] is None:
             keys = r["keys"] or request_block_keys(request_id, r["n"])
             try:
-                r["side"] = TransferProducer(self._pool, request_id, keys)
+                opened = TransferProducer(self._pool, request_id, keys)
+                r["side"] = opened
                 if self.producer_in_place:
                     # What an engine computing into the pool would have done: the KV is in the slots.
-                    tx: TransferProducer = r["side"]
                     for layer in range(self.spec.num_layers):
-                        for j, v in enumerate(tx.layer_views(layer)):
-                            if v is not None:
-                                v[...] = r["layers"][layer, j]
-                        del v
+                        views = opened.layer_views(layer)
+                        for j, view in enumerate(views):
+                            if view is not None:
+                                view[...] = r["layers"][layer, j]
+                        del views, view
             except PoolError as e:
                 raise _translate(request_id, e) from e
 
@@ -179,14 +180,16 @@ class PoolConsumer(_PoolSide, Consumer):
         r = self._req(request_id)
         if r["side"] is None:
             try:
-                r["side"] = TransferConsumer(self._pool, request_id, timeout=timeout)
+                rx = TransferConsumer(self._pool, request_id, timeout=timeout)
             except PoolError as e:
                 if isinstance(e, TransferError) and "appeared in time" in str(e):
                     raise TransferTimeout(f"request {request_id!r} did not start within {timeout} s") from e
                 raise _translate(request_id, e) from e
-            if r["side"].num_blocks != r["n"]:
-                raise TransportError(f"request {request_id!r} has {r['side'].num_blocks} blocks, the buffer {r['n']}")
-        return r["side"]
+            r["side"] = rx
+            if rx.num_blocks != r["n"]:
+                raise TransportError(f"request {request_id!r} has {rx.num_blocks} blocks, the buffer {r['n']}")
+        side: TransferConsumer = r["side"]
+        return side
 
     def wait_layer(self, request_id: str, layer: int, timeout: float = DEFAULT_TIMEOUT) -> None:
         r = self._req(request_id)
