@@ -669,6 +669,7 @@ class Writer:
         self._handles = handles
         self._done = False
         self._views = _ViewTracker()
+        self._pending: list[CopyFuture] = []
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -727,16 +728,37 @@ class Writer:
         torch.cuda.current_stream(kv.device).synchronize()
         del bufs, anchor
 
-    def write_spans(self, src: Any, blocks: Any, block_offsets: Any, src_offsets: Any, sizes: Any) -> None:
+    def write_spans(self, src: Any, blocks: Any, block_offsets: Any, src_offsets: Any, sizes: Any, *,
+                    wait: bool = True) -> "CopyFuture | None":
         """Scatter: span ``j`` copies ``sizes[j]`` bytes from ``src`` (a contiguous host numpy array or
         torch tensor) at byte ``src_offsets[j]`` into reserved block ``blocks[j]`` (an index into this
-        writer) at byte ``block_offsets[j]``: one checked call without the GIL, through the copy engine."""
+        writer) at byte ``block_offsets[j]``: one checked call without the GIL, through the copy engine.
+        ``wait=False`` queues it and returns a :class:`~pykvshm.CopyFuture` (``src`` must stay unchanged
+        until it is done); ``commit()`` and ``abort()`` wait for the writer's queued copies."""
         core = self._check()
         addr, size, keep = buffer_extent(src, writable=False)
         h, boff, soff, sz = span_columns(len(self._handles), self._handles, blocks, block_offsets, src_offsets, sizes,
                                          size, self._pool.spec.block_bytes)
-        core.write_spans(h, boff, soff + np.uint64(addr), sz)
-        del keep
+        if wait:
+            core.write_spans(h, boff, soff + np.uint64(addr), sz)
+            del keep
+            return None
+        group = new_group()
+        core.write_spans(h, boff, soff + np.uint64(addr), sz, group)
+        fut = CopyFuture(group, keep)
+        self._pending.append(fut)
+        return fut
+
+    def _wait_pending(self, raise_errors: bool) -> None:
+        pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        for f in pending:
+            try:
+                f.wait()
+            except Exception as e:
+                first = first or e
+        if first is not None and raise_errors:
+            raise first
 
     def write(self, data: Any) -> None:
         """Write whole blocks: ``data`` has shape ``(len(writer), *spec.block_shape)``."""
@@ -763,6 +785,7 @@ class Writer:
         core = self._check()
         if self._views.alive():
             raise ViewsAliveError("writable views of this writer are still alive; delete them before commit()")
+        self._wait_pending(raise_errors=True)
         core.commit(self._handles)
         self._done = True
 
@@ -772,6 +795,7 @@ class Writer:
             return
         if self._views.alive():
             raise ViewsAliveError("writable views of this writer are still alive; delete them before abort()")
+        self._wait_pending(raise_errors=False)
         self._done = True
         if not self._pool._core.closed:
             self._pool._core.abort(self._handles)

@@ -29,6 +29,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "lease": 10.0,                # seconds before a silent member of another host is presumed dead
     "open_timeout": 60.0,         # seconds to wait for another engine that is creating the pool
     "stats_file": None,           # append one JSON line of worker load/save timings per step
+    "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
 }
 CREATE_MODES = ("open", "create", "create_or_open")
 
@@ -49,6 +50,7 @@ class ConnectorConfig:
     pool_options: tuple[tuple[str, Any], ...]
     open_timeout: float
     stats_file: str | None
+    layerwise_loads: bool = True  # loads queued per layer; wait_for_layer_load waits for one layer
 
     @classmethod
     def from_vllm(cls, vllm_config: Any, kv_cache_config: Any) -> "ConnectorConfig":
@@ -64,6 +66,9 @@ class ConnectorConfig:
             raise ValueError(f"kv_connector_extra_config 'create' must be one of {CREATE_MODES}, got {opt['create']!r}")
         if not isinstance(opt["pool"], str) or not opt["pool"]:
             raise ValueError(f"kv_connector_extra_config 'pool' must be a pool name or path, got {opt['pool']!r}")
+        if not isinstance(opt["layerwise_loads"], bool):
+            raise ValueError(f"kv_connector_extra_config 'layerwise_loads' must be true or false, "
+                             f"got {opt['layerwise_loads']!r}")
 
         par = vllm_config.parallel_config
         if getattr(par, "tensor_parallel_size", 1) != 1 or getattr(par, "pipeline_parallel_size", 1) != 1:
@@ -96,6 +101,7 @@ class ConnectorConfig:
                 (k, opt[k]) for k in ("coherence", "huge_pages", "prefault", "numa_node", "lease"))),
             open_timeout=float(opt["open_timeout"]),
             stats_file=opt["stats_file"],
+            layerwise_loads=opt["layerwise_loads"],
         )
 
     def open_pool(self) -> Any:

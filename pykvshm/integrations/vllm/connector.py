@@ -76,7 +76,7 @@ class PykvshmConnector(KVConnectorBase_V1):
         self.worker_side.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # start_load_kv copied every layer before the forward pass
+        self.worker_side.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         self.worker_side.save_kv_layer(layer_name, kv_layer, self._meta())

@@ -4,13 +4,18 @@ Each layer slot of a pool block holds one engine block of that layer verbatim (t
 backend's own layout, as bytes), so the copy is the same for every attention backend;
 the key salt keeps engines whose layouts differ apart (config.py).
 
-Loads run before the forward pass (`start_load_kv`): pin the longest present prefix
-with `Pool.acquire`, copy each block into its engine block, release.  Engine blocks
-whose keys vanished since the scheduler's match are reported through
-`get_block_ids_with_load_errors` and vLLM recomputes them.  Saves run layer by layer
-(`save_kv_layer`): the first layer of a step reserves pool blocks for keys the pool
-lacks (`Pool.writer`), each layer gathers its engine blocks into them, and
-`wait_for_save` commits only writers that received every layer.
+Loads (`start_load_kv`): pin the longest present prefix with `Pool.acquire`, then queue one
+batched gather per layer on the pool handle's copy engine (`Lease.read_spans`: every block's
+layer slot into its engine block, one call, no GIL) and return; `wait_for_layer_load(layer)`
+waits only for that layer, so layer l+1 is copied while layer l computes.  The pins are
+dropped once the last layer has landed.  Engine blocks whose keys vanished since the
+scheduler's match are reported through `get_block_ids_with_load_errors` and vLLM recomputes
+them.  Saves run layer by layer (`save_kv_layer`): the first layer of a step reserves pool
+blocks for keys the pool lacks (`Pool.writer`), each layer queues one batched scatter of its
+engine blocks into them (`Writer.write_spans`), and `wait_for_save` waits for them and
+commits only writers that received every layer.
+
+CUDA KV caches keep the per-block DMA path from the registered pool (not batched yet).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ..._torch import host_block_tensor
 from ...errors import GeometryMismatchError, PoolFullError
@@ -58,8 +65,14 @@ class _Save:
     transfer: BlockTransfer
     writer: Any
     block_ids: list[int]   # engine block id of each reserved pool block
-    dst: list[Any] | None  # uint8 tensors over the reserved pool blocks (dropped before commit)
+    dst: list[Any] | None  # CUDA only: uint8 tensors over the reserved pool blocks (dropped before commit)
     layers_done: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Load:
+    lease: Any
+    futures: list[Any]     # one per layer (None: copied synchronously)
 
 
 @dataclass
@@ -83,6 +96,9 @@ class WorkerSide:
         self._saves: list[_Save] | None = None  # this step's writers (None until the first layer)
         self._failed_reqs: set[str] = set()
         self._load_errors: set[int] = set()
+        self._loads: list[_Load] = []          # this step's queued loads (released after the last layer)
+        self._chunks: tuple[int, int, int] = (1, 0, 0)  # per layer tensor: (outer, blocks, inner bytes)
+        self._batched = False                  # host KV caches: batched span copies through the copy engine
         self._stats = _StepStats()
 
     # ---- setup ----
@@ -117,10 +133,27 @@ class WorkerSide:
             _torch.ensure_registered(int(core.address), int(core.total_bytes))
         self._layers = tensors
         self._layer_of = {n: i for i, n in enumerate(names)}
+        # An engine block of a layer is `outer` chunks of `inner` bytes (e.g. its K and its V part
+        # when the layer tensor is (2, num_blocks, ...)); the pool slot holds them back to back.
+        shape = tuple(first.shape)
+        outer = int(np.prod(shape[:self._block_dim], dtype=np.int64))
+        inner = int(np.prod(shape[self._block_dim + 1:], dtype=np.int64)) * first.element_size()
+        self._chunks = (outer, int(shape[self._block_dim]), inner)
+        self._batched = first.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
+
+    def _spans(self, block_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(pool block numbers, offsets in the layer slot, offsets in the engine layer tensor, size)
+        of every chunk of the given engine blocks, in the order of ``block_ids``."""
+        outer, nblocks, inner = self._chunks
+        bids = np.asarray(block_ids, dtype=np.int64)
+        j = np.repeat(np.arange(len(bids)), outer)
+        i = np.tile(np.arange(outer), len(bids))
+        return j, i * inner, (i * nblocks + bids[j]) * inner, inner
 
     # ---- loads ----
     def start_load_kv(self, meta: PykvshmMetadata) -> None:
         t0 = time.perf_counter()
+        self._finish_loads()  # a previous step's loads, if vLLM never waited for their last layer
         if meta.loads and _fault("evict-before-load"):
             evict_all(self.pool)
         for tr in meta.loads:
@@ -134,18 +167,40 @@ class WorkerSide:
         self._stats.load_s += time.perf_counter() - t0
 
     def _load_one(self, tr: BlockTransfer) -> int:
-        """Copy the longest present prefix of ``tr`` into its engine blocks; returns blocks copied."""
+        """Pin the longest present prefix of ``tr`` and start copying it into its engine blocks
+        (queued per layer on the copy engine); returns the blocks it will copy."""
+        lease = self.pool.acquire(tr.keys)
+        n = len(lease)
+        if n == 0:
+            lease.release()
+            return 0
+        if not self._batched:
+            try:
+                self._load_per_block(lease, tr, n)
+            finally:
+                lease.release()
+            return n
+        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        j, slot_off, kv_off, size = self._spans(tr.block_ids[:n])
+        futures = []
+        try:
+            for layer, kv in enumerate(self._layers):
+                futures.append(lease.read_spans(kv, j, layer * layer_bytes + slot_off, kv_off, size,
+                                                wait=not self.cfg.layerwise_loads))
+        except BaseException:
+            lease.release()  # waits for what was queued
+            raise
+        self._loads.append(_Load(lease, futures))
+        return n
+
+    def _load_per_block(self, lease: Any, tr: BlockTransfer, n: int) -> None:
+        """CUDA (or non-contiguous) KV caches: one DMA per block and layer from the registered pool."""
         import torch
 
-        lease = self.pool.acquire(tr.keys)
-        srcs: list[Any] = []
+        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        cuda = self._layers[0].device.type == "cuda"
+        srcs = [host_block_tensor(v) for v in lease.views()]  # read-only: we only read them
         try:
-            n = len(lease)
-            if n == 0:
-                return 0
-            layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
-            cuda = self._layers[0].device.type == "cuda"
-            srcs = [host_block_tensor(v) for v in lease.views()]  # read-only: we only read them
             for layer, kv in enumerate(self._layers):
                 for j in range(n):
                     dst = kv.select(self._block_dim, tr.block_ids[j]).view(torch.uint8)
@@ -153,10 +208,30 @@ class WorkerSide:
                               non_blocking=cuda)
             if cuda:
                 torch.cuda.current_stream(self._layers[0].device).synchronize()
-            return n
         finally:
             srcs = []  # drop the views before the pins
-            lease.release()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Wait until layer ``layer_name`` of this step's loads has landed (the others may still be
+        copying); after the last layer, drop the pins."""
+        if not self._loads:
+            return
+        t0 = time.perf_counter()
+        layer = self._layer_of.get(layer_name)
+        if layer is None:
+            return
+        for ld in self._loads:
+            f = ld.futures[layer]
+            if f is not None:
+                f.wait()
+        if layer == len(self._layers) - 1:
+            self._finish_loads()
+        self._stats.load_s += time.perf_counter() - t0
+
+    def _finish_loads(self) -> None:
+        loads, self._loads = self._loads, []
+        for ld in loads:
+            ld.lease.release()  # waits for every queued layer first
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -178,10 +253,16 @@ class WorkerSide:
         lo, hi = layer * layer_bytes, (layer + 1) * layer_bytes
         cuda = kv_layer.device.type == "cuda"
         for s in self._saves:
-            assert s.dst is not None
-            for dst, bid in zip(s.dst, s.block_ids):
-                src = kv_layer.select(self._block_dim, bid).view(torch.uint8)
-                dst[lo:hi].view(src.shape).copy_(src, non_blocking=cuda)
+            if self._batched and kv_layer.is_contiguous():
+                # One scatter per writer and layer, queued: wait_for_save waits for it.
+                j, slot_off, kv_off, size = self._spans(s.block_ids)
+                s.writer.write_spans(kv_layer, j, lo + slot_off, kv_off, size, wait=False)
+            else:
+                if s.dst is None:
+                    s.dst = [host_block_tensor(v) for v in s.writer.views()]
+                for dst, bid in zip(s.dst, s.block_ids):
+                    src = kv_layer.select(self._block_dim, bid).view(torch.uint8)
+                    dst[lo:hi].view(src.shape).copy_(src, non_blocking=cuda)
             s.layers_done.add(layer)
         if cuda:
             torch.cuda.current_stream(kv_layer.device).synchronize()
@@ -203,10 +284,7 @@ class WorkerSide:
             if len(w) == 0:
                 w.abort()
                 continue
-            # One copy per block and layer, straight from the engine block into the pool block
-            # (a batched index_select gather measured ~7 ms per layer here, the copies ~10 us).
-            dst = [host_block_tensor(v) for v in w.views()]
-            saves.append(_Save(tr, w, [tr.block_ids[int(p)] for p in w.positions], dst))
+            saves.append(_Save(tr, w, [tr.block_ids[int(p)] for p in w.positions], None))
         return saves
 
     def wait_for_save(self) -> None:
@@ -237,6 +315,7 @@ class WorkerSide:
             f.write(json.dumps(line) + "\n")
 
     def shutdown(self) -> None:
+        self._finish_loads()
         for s in self._saves or []:
             s.dst = None
             s.writer.abort()
