@@ -165,6 +165,24 @@ class PykvshmHiCacheStorage(HiCacheStorage):
         assert self.spec is not None
         return host_block_tensor(view).view(self.spec.torch_dtype).view(self.spec.block_shape)
 
+    def _fill(self, w: Any, source: Any) -> None:
+        """Copy ``source(position)`` into each block the writer reserved; no view outlives the call."""
+        views = w.views()
+        try:
+            for i, p in enumerate(w.positions):
+                self._block(views[i]).copy_(source(int(p)))
+        finally:
+            views.clear()  # even when a traceback keeps this frame alive
+
+    def _drain(self, lease: Any, target: Any) -> None:
+        """Copy each leased block into ``target(j)``; no view outlives the call."""
+        views = lease.views()
+        try:
+            for j in range(len(views)):
+                target(j).copy_(self._block(views[j]))
+        finally:
+            views.clear()
+
     def _page_indices(self, keys: List[str], host_indices: torch.Tensor) -> list[int]:
         if host_indices.numel() < len(keys) * self._page:
             raise PoolError(f"{len(keys)} pages need {len(keys) * self._page} host indices, "
@@ -192,10 +210,7 @@ class PykvshmHiCacheStorage(HiCacheStorage):
                            pool.name, len(keys))
             return [False] * len(keys)
         try:
-            blocks = [self._block(v) for v in w.views()]
-            for p, dst in zip(w.positions, blocks):
-                dst.copy_(self._host_page(starts[int(p)]))
-            del blocks
+            self._fill(w, lambda p: self._host_page(starts[p]))
         except BaseException:
             w.abort()
             raise
@@ -211,10 +226,7 @@ class PykvshmHiCacheStorage(HiCacheStorage):
         lease = pool.acquire(self._keys(keys))
         try:
             n = len(lease)
-            srcs = [self._block(v) for v in lease.views()]
-            for j in range(n):
-                self._host_page(starts[j]).copy_(srcs[j])
-            del srcs
+            self._drain(lease, lambda j: self._host_page(starts[j]))
         finally:
             lease.release()
         return [True] * n + [False] * (len(keys) - n)
@@ -227,9 +239,7 @@ class PykvshmHiCacheStorage(HiCacheStorage):
         with self._live().acquire(self._keys([key])) as lease:
             if len(lease) == 0:
                 return None
-            src = self._block(lease.views()[0])
-            dst.copy_(src)
-            del src
+            self._drain(lease, lambda j: dst)
         return target_location
 
     def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
@@ -263,10 +273,7 @@ class PykvshmHiCacheStorage(HiCacheStorage):
         except PoolFullError:
             return False
         try:
-            blocks = [self._block(v) for v in w.views()]
-            for p, dst in zip(w.positions, blocks):
-                dst.copy_(srcs[int(p)])
-            del blocks
+            self._fill(w, lambda p: srcs[p])
         except BaseException:
             w.abort()
             raise
