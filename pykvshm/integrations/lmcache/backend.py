@@ -102,12 +102,13 @@ class PykvshmStorageBackend(StoragePluginInterface):
         from ...pool import Pool
 
         o = self.opt
-        kw = {"prefault": bool(o["prefault"]), "huge_pages": bool(o["huge_pages"])}
+        pf, hp = bool(o["prefault"]), bool(o["huge_pages"])
         if o["create"] == "open":
-            return Pool.open(o["pool"], self.spec, **kw)
+            return Pool.open(o["pool"], self.spec, prefault=pf, huge_pages=hp)
         if o["create"] == "create":
-            return Pool.create(o["pool"], self.spec, o["capacity"], **kw)
-        return Pool.open_or_create(o["pool"], self.spec, o["capacity"], timeout=float(o["open_timeout"]), **kw)
+            return Pool.create(o["pool"], self.spec, o["capacity"], prefault=pf, huge_pages=hp)
+        return Pool.open_or_create(o["pool"], self.spec, o["capacity"], timeout=float(o["open_timeout"]),
+                                   prefault=pf, huge_pages=hp)
 
     # ---- keys ----
     def _keys(self, key: Any) -> list[bytes]:
