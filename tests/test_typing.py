@@ -20,6 +20,9 @@ def test_mypy_passes_on_the_package(tmp_path) -> None:
     files = [os.path.join(pkg, f) for f in ("__init__.py", "pool.py", "spec.py", "keys.py", "errors.py", "cli.py",
                                              "_arrays.py", os.path.join("transfer", "stream.py"),
                                              os.path.join("integrations", "vllm_env.py"),
+                                             *(os.path.join("integrations", f) for f in (
+                                                 "engine_keys.py", "engines_env.py", os.path.join("sglang", "storage.py"),
+                                                 os.path.join("lmcache", "backend.py"))),
                                              *(os.path.join("integrations", "vllm", f) for f in (
                                                  "__init__.py", "config.py", "connector.py", "metadata.py",
                                                  "scheduler.py", "worker.py")),

@@ -8,13 +8,13 @@ pool, its geometry and the keys without talking to each other.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import GeometryMismatchError, PoolError
 from ...spec import KVSpec, parse_size
+from ..engine_keys import engine_key, salt_digest
 
 # kv_connector_extra_config keys, with their defaults.
 EXTRA_DEFAULTS: dict[str, Any] = {
@@ -156,7 +156,7 @@ def _salt(vllm_config: Any, spec: KVSpec, layer_names: list[str], user_salt: str
         str(getattr(cc, "cache_dtype", "auto")), str(getattr(cc, "kv_cache_layout", None)), str(backend),
         device, isa, repr(spec), ",".join(layer_names), user_salt,
     ]
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).digest()
+    return salt_digest(parts)
 
 
 def request_keys(cfg: ConnectorConfig, block_hashes: list[Any], num_blocks: int) -> list[bytes]:
@@ -172,5 +172,5 @@ def request_keys(cfg: ConnectorConfig, block_hashes: list[Any], num_blocks: int)
         h = block_hashes[(i + 1) * stride - 1]
         if not isinstance(h, (bytes, bytearray)):
             raise PoolError(f"vLLM block hash of type {type(h).__name__}; expected bytes (sha256 prefix hashing)")
-        keys.append(hashlib.blake2b(cfg.salt + bytes(h), digest_size=16).digest())
+        keys.append(engine_key(cfg.salt, bytes(h)))
     return keys
