@@ -109,8 +109,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# info, stat and check attach read-only (Pool.open(read_only=True)): they take no member slot,
+# change nothing, and work for a user who may only read the pool file.
 def cmd_info(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         _out(args, _info_dict(pool), _human_info)
     return 0
 
@@ -118,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_stat(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         if not args.watch:
             _out(args, pool.stats(), _human_stat)
             return 0
@@ -148,7 +150,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         pool.check(strict=not args.live)
         _out(args, {"ok": True, "strict": not args.live}, lambda d: "pool is consistent")
     return 0
