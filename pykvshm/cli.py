@@ -246,6 +246,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report["errors"] else 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from .exporter import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    if not args.lease > 0:
+        raise ValueError(f"--lease must be a positive number of seconds, got {args.lease:g}")
+
+    def ready(url: str) -> None:
+        print(f"pykvshm exporter: serving {', '.join(args.pool)} on {url}", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a container stop ends it like ^C
+    try:
+        serve(args.pool, args.host, args.port, lease=args.lease, ready=ready)
+    except SystemExit as e:
+        return 0 if e.code == 128 + signal.SIGTERM else int(e.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .vllm_demo.command import run
 
@@ -298,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these benchmarks (see --list)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p = add("exporter", cmd_exporter, "serve a pool's metrics to Prometheus (read-only attach; needs pykvshm[ops])")
+    p.add_argument("--pool", action="append", required=True, metavar="NAME",
+                   help="pool to export (POSIX shm name or path); repeat for several pools")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=9464, help="TCP port (default 9464; 0 picks a free one)")
+    p.add_argument("--lease", type=float, default=10.0,
+                   help="seconds after which a silent member of another host counts as dead")
     p = add("demo", cmd_demo, "disaggregated prefill -> pool -> decode on real vLLM engines, beside baselines")
     from .vllm_demo.command import add_arguments as add_demo_arguments
 
@@ -324,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`pykvshm stat --watch | head`): leave quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
-    except (PoolError, ValueError, TypeError, OSError) as e:
+    except (PoolError, ValueError, TypeError, OSError, ImportError) as e:
         message = _one_line(e)
     except Exception as e:  # noqa: BLE001 - a bug still gets one line, with its type to search for
         message = f"unexpected {type(e).__name__}: {' '.join(str(e).split())}"
