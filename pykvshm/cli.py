@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0)
     p = add("recover", cmd_recover, "reclaim what dead processes held")
     p.add_argument("name")
-    p = add("check", cmd_check, "verify the pool's invariants")
+    p = add("check", cmd_check, "verify the pool's invariants (read-only: after a crash, `recover` first)")
     p.add_argument("name")
     p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
     p = add("destroy", cmd_destroy, "remove a pool")
