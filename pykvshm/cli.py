@@ -117,8 +117,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# info, stat and check attach read-only (Pool.open(read_only=True)): they take no member slot,
+# change nothing, and work for a user who may only read the pool file.
 def cmd_info(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         _out(args, _info_dict(pool), _human_info)
     return 0
 
@@ -126,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_stat(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         if not args.watch:
             _out(args, pool.stats(), _human_stat)
             return 0
@@ -156,7 +158,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with Pool.open(args.name, read_only=True) as pool:
         pool.check(strict=not args.live)
         _out(args, {"ok": True, "strict": not args.live}, lambda d: "pool is consistent")
     return 0
@@ -252,6 +254,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report["errors"] else 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from .exporter import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    if not args.lease > 0:
+        raise ValueError(f"--lease must be a positive number of seconds, got {args.lease:g}")
+
+    def ready(url: str) -> None:
+        print(f"pykvshm exporter: serving {', '.join(args.pool)} on {url}", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a container stop ends it like ^C
+    try:
+        serve(args.pool, args.host, args.port, lease=args.lease, ready=ready)
+    except SystemExit as e:
+        return 0 if e.code == 128 + signal.SIGTERM else int(e.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .vllm_demo.command import run
 
@@ -292,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0)
     p = add("recover", cmd_recover, "reclaim what dead processes held")
     p.add_argument("name")
-    p = add("check", cmd_check, "verify the pool's invariants")
+    p = add("check", cmd_check, "verify the pool's invariants (read-only: after a crash, `recover` first)")
     p.add_argument("name")
     p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
     p = add("destroy", cmd_destroy, "remove a pool")
@@ -304,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these benchmarks (see --list)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p = add("exporter", cmd_exporter, "serve a pool's metrics to Prometheus (read-only attach; needs pykvshm[ops])")
+    p.add_argument("--pool", action="append", required=True, metavar="NAME",
+                   help="pool to export (POSIX shm name or path); repeat for several pools")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=9464, help="TCP port (default 9464; 0 picks a free one)")
+    p.add_argument("--lease", type=float, default=10.0,
+                   help="seconds after which a silent member of another host counts as dead")
     p = add("demo", cmd_demo, "disaggregated prefill -> pool -> decode on real vLLM engines, beside baselines")
     from .vllm_demo.command import add_arguments as add_demo_arguments
 
@@ -330,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`pykvshm stat --watch | head`): leave quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
-    except (PoolError, ValueError, TypeError, OSError) as e:
+    except (PoolError, ValueError, TypeError, OSError, ImportError) as e:
         message = _one_line(e)
     except Exception as e:  # noqa: BLE001 - a bug still gets one line, with its type to search for
         message = f"unexpected {type(e).__name__}: {' '.join(str(e).split())}"

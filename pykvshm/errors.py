@@ -28,6 +28,7 @@ __all__ = [
     "ShapeMismatchError",
     "DTypeMismatchError",
     "ViewsAliveError",
+    "ReadOnlyPoolError",
 ]
 
 
@@ -129,3 +130,7 @@ class DTypeMismatchError(PoolError, TypeError):
 
 class ViewsAliveError(PoolError):
     """Zero-copy views still refer to blocks that are being released, freed or sealed."""
+
+
+class ReadOnlyPoolError(PoolError, PermissionError):
+    """A change was asked of a read-only pool handle (``Pool.open(name, read_only=True)``)."""

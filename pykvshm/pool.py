@@ -18,6 +18,7 @@ from .errors import (
     PlacementError,
     PoolClosedError,
     PoolNotFoundError,
+    ReadOnlyPoolError,
     ShapeMismatchError,
     ViewsAliveError,
 )
@@ -223,8 +224,17 @@ class Pool:
         lease: float = 10.0,
         copy_threads: int = 1,
         copy_kernel: str = "auto",
+        read_only: bool = False,
     ) -> "Pool":
         """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry.
+
+        ``read_only=True`` opens a monitor: the pool is validated like any attach, then
+        mapped read-only from a read-only file descriptor, and no member slot is taken, so
+        a user with read permission on the pool file can watch it.  :meth:`stats`,
+        :meth:`members`, :meth:`check` and the description work; every call that would
+        change the pool raises :class:`~pykvshm.errors.ReadOnlyPoolError`.  It takes no
+        placement options.  On a ``noncoherent`` pool a monitor cannot take the pool lock:
+        it reads each line fresh from memory, and its figures are a best-effort snapshot.
 
         ``uuid`` without ``name`` finds the pool among the device-DAX devices (the same
         device has different names on different hosts; the uuid in its superblock does
@@ -243,14 +253,20 @@ class Pool:
                                              spec.dtype_code, spec.itemsize)
         if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
             raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
-        def attach(huge: bool) -> Any:
-            return _core.Pool.open(
-                str(name), prefault=bool(prefault), huge_pages=huge,
-                numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0),
-                lease_s=float(lease), expect=expect, **_engine_options(copy_threads, copy_kernel),
-            )
+        refusal: str | None = None
+        if read_only:
+            if prefault or huge_pages or numa_node is not None:
+                raise ValueError("a read-only attach takes no placement options (prefault, huge_pages, numa_node)")
+            core = _core.Pool.open_read_only(str(name), host_id=int(host_id or 0), lease_s=float(lease), expect=expect)
+        else:
+            def attach(huge: bool) -> Any:
+                return _core.Pool.open(
+                    str(name), prefault=bool(prefault), huge_pages=huge,
+                    numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0),
+                    lease_s=float(lease), expect=expect, **_engine_options(copy_threads, copy_kernel),
+                )
 
-        core, refusal = _with_huge_pages(huge_pages, attach)
+            core, refusal = _with_huge_pages(huge_pages, attach)
         pool = cls(core, str(name))
         pool._huge_refusal = refusal
         if want is not None and pool.uuid != str(want):
@@ -342,7 +358,8 @@ class Pool:
 
     def __repr__(self) -> str:
         state = "closed" if self._core.closed else f"{self.num_blocks} blocks"
-        return f"<pykvshm.Pool {self._name!r} {self._spec} {state}>"
+        ro = " read-only" if self.read_only else ""
+        return f"<pykvshm.Pool {self._name!r} {self._spec} {state}{ro}>"
 
     # ---- description ----
     @property
@@ -401,6 +418,11 @@ class Pool:
         return bool(self._core.closed)
 
     @property
+    def read_only(self) -> bool:
+        """Whether this handle is a read-only monitor (``Pool.open(..., read_only=True)``)."""
+        return bool(self._core.read_only)
+
+    @property
     def total_bytes(self) -> int:
         return int(self._core.total_bytes)
 
@@ -414,6 +436,14 @@ class Pool:
             raise PoolClosedError(f"pool '{self._name}' handle is closed")
         return self._core
 
+    def _writable(self, what: str) -> Any:
+        """The core handle, for a call that changes the pool (refused on a read-only handle)."""
+        core = self._live()
+        if core.read_only:
+            raise ReadOnlyPoolError(f"{what}: pool '{self._name}' is open read-only (a monitor); "
+                                    f"open it without read_only=True to change it")
+        return core
+
     # ---- allocator ----
     def alloc(self, n: int, *, evict: bool = True) -> np.ndarray:
         """Allocate ``n`` blocks, all or nothing; returns their handles (uint64).
@@ -424,7 +454,7 @@ class Pool:
         n = int(n)
         if n < 0:
             raise ValueError("n must be >= 0")
-        return self._live().alloc(n, bool(evict))
+        return self._writable("alloc").alloc(n, bool(evict))
 
     def free(self, handles: Iterable[int] | np.ndarray) -> None:
         """Free blocks this handle allocated (and has not sealed)."""
@@ -433,13 +463,13 @@ class Pool:
             t = self._block_views.get(x)
             if t is not None and t.alive():
                 raise ViewsAliveError(f"views of block handle {x} are still alive; delete them before free()")
-        self._live().free(h)
+        self._writable("free").free(h)
         for x in h.tolist():
             self._block_views.pop(x, None)
 
     def block_view(self, handle: int) -> np.ndarray:
         """A writable zero-copy view (``spec.block_shape``) of a block this handle allocated."""
-        core = self._live()
+        core = self._writable("block_view")
         h = int(handle)
         tracker = self._block_views.setdefault(h, _ViewTracker())
         buf = core.block_buffer(h, True, tracker.anchor(self))
@@ -448,7 +478,7 @@ class Pool:
     # ---- the prefix index ----
     def match(self, keys: Iterable[Any] | np.ndarray) -> int:
         """Number of leading ``keys`` whose blocks are in the pool (sealed)."""
-        return int(self._live().match(keys_buffer(keys)))
+        return int(self._writable("match").match(keys_buffer(keys)))
 
     def publish(self, keys: Iterable[Any] | np.ndarray, data: Any) -> int:
         """Store one block per key; ``data`` is ``(len(keys), *spec.block_shape)`` numpy or torch (CPU or CUDA).
@@ -456,7 +486,7 @@ class Pool:
         Keys already present are skipped.  Returns how many blocks were newly stored.
         A block becomes visible to readers only after all its bytes are written.
         """
-        core = self._live()
+        core = self._writable("publish")
         kb = keys_buffer(keys)
         n = len(kb) // 16
         check_blocks(data, self._spec, n, "publish data")
@@ -473,7 +503,7 @@ class Pool:
 
     def acquire(self, keys: Iterable[Any] | np.ndarray) -> "Lease":
         """Pin the longest present prefix of ``keys``; returns a :class:`Lease` on it (possibly empty)."""
-        core = self._live()
+        core = self._writable("acquire")
         handles = core.acquire(keys_buffer(keys))
         lease = Lease(self, handles)
         self._children.add(lease)
@@ -484,7 +514,7 @@ class Pool:
         return self._writer(keys_buffer(keys))
 
     def _writer(self, kb: bytes) -> "Writer":
-        core = self._live()
+        core = self._writable("writer")
         positions, handles = core.reserve(kb)
         w = Writer(self, positions, handles)
         self._children.add(w)
@@ -505,7 +535,7 @@ class Pool:
 
     def recover(self) -> dict[str, int]:
         """Reclaim what dead members held (blocks being written, pins, member slots)."""
-        return dict(self._live().recover())
+        return dict(self._writable("recover").recover())
 
     def members(self) -> list[dict[str, Any]]:
         """The attached members: slot, pid, host id, heartbeat, liveness."""

@@ -102,8 +102,8 @@ def test_stat_counts_what_processes_did(pool: pykvshm.Pool) -> None:
     pool.publish(keys, np.zeros((len(keys), *pool.spec.block_shape), np.float16))
     lease = pool.acquire(keys)
     s = json.loads(cli("stat", pool.name, "--json").stdout)
-    # members: this process and the command itself
-    assert s["sealed"] == 2 and s["pinned"] == 2 and s["hits"] == 2 and s["members"] == 2
+    # members: this process only; the command attaches read-only and takes no member slot
+    assert s["sealed"] == 2 and s["pinned"] == 2 and s["hits"] == 2 and s["members"] == 1
     lease.release()
 
 

@@ -17,7 +17,7 @@ def test_mypy_passes_on_the_package(tmp_path) -> None:
     # The sources of the repository (the installed copy sits in site-packages, which mypy
     # refuses to check by path); _core.pyi stands in for the extension.
     pkg = os.path.join(ROOT, "pykvshm")
-    files = [os.path.join(pkg, f) for f in ("__init__.py", "pool.py", "spec.py", "keys.py", "errors.py", "cli.py",
+    files = [os.path.join(pkg, f) for f in ("__init__.py", "pool.py", "spec.py", "keys.py", "errors.py", "cli.py", "exporter.py",
                                              "_arrays.py", os.path.join("transfer", "stream.py"),
                                              os.path.join("integrations", "vllm_env.py"),
                                              *(os.path.join("integrations", f) for f in (

@@ -175,6 +175,16 @@ void register_pool(py::module_& m) {
           py::arg("name"), py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
           py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none(), py::arg("copy_threads") = 1,
           py::arg("copy_kernel") = 0)
+      .def_static(
+          "open_read_only",
+          [](const std::string& name, uint64_t host_id, double lease_s, std::optional<std::array<uint32_t, 6>> expect) {
+            auto o = options(false, false, -1, 0600, 0, false, host_id, lease_s);
+            GeometryIn g{};
+            if (expect) g = GeometryIn{(*expect)[0], (*expect)[1], (*expect)[2], (*expect)[3], (*expect)[4], (*expect)[5]};
+            py::gil_scoped_release rel;
+            return Pool::open_read_only(name, o, expect ? &g : nullptr);
+          },
+          py::arg("name"), py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none())
       .def_static("destroy", [](const std::string& name) { Mapping::destroy(name); })
       .def_static("path_for", [](const std::string& name) {
         return Mapping::backend_for(name) == Backend::kShm ? Mapping::shm_path(name) : name;
@@ -197,6 +207,7 @@ void register_pool(py::module_& m) {
              return d;
            })
       .def_property_readonly("closed", &Pool::closed)
+      .def_property_readonly("read_only", &Pool::read_only)
       .def_property_readonly("placement", [](const Pool& p) {
         const Mapping& mp = p.mapping();
         static const char* kBackends[] = {"shm", "file", "devdax"};

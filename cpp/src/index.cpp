@@ -322,6 +322,7 @@ void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
   Exclusive ex(this);
   ensure_open();
+  if (read_only_) raise_read_only();
   std::lock_guard<std::mutex> lk(pin_mu_);
   if (!still_member()) {
     // Declared dead and recovered: our pins were dropped, and the slot's bits

@@ -57,6 +57,7 @@ Mapping& Mapping::operator=(Mapping&& o) noexcept {
     name_ = std::move(o.name_); path_ = std::move(o.path_); backend_ = o.backend_;
     huge_ = o.huge_; huge_page_size_ = o.huge_page_size_;
     numa_node_ = o.numa_node_; device_node_ = o.device_node_; prefaulted_ = o.prefaulted_;
+    read_only_ = o.read_only_;
     o.fd_ = -1; o.base_ = nullptr; o.size_ = 0;
   }
   return *this;
@@ -185,19 +186,28 @@ Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
   m.name_ = name;
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
+  // A read-only mapping is for watching a pool: it places nothing (a NUMA policy on
+  // a shared object would change it for every process) and faults nothing in.
+  m.read_only_ = opt.read_only;
+  if (m.read_only_ && (opt.prefault || opt.huge_pages || opt.numa_node >= 0))
+    raise(ErrorCode::kPlacement, "a read-only attach takes no placement options (prefault, huge pages, NUMA node)");
   check_placement(opt);
+  const int access = m.read_only_ ? O_RDONLY : O_RDWR;
   if (m.backend_ == Backend::kDevDax) {
-    m.open_device(O_RDWR);
+    m.open_device(access);
     return m;
   }
   if (m.backend_ == Backend::kShm)
-    m.fd_ = shm_open(("/" + name).c_str(), O_RDWR, 0);
+    m.fd_ = shm_open(("/" + name).c_str(), access, 0);
   else
-    m.fd_ = ::open(m.path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    m.fd_ = ::open(m.path_.c_str(), access | O_CLOEXEC | O_NOFOLLOW);
   if (m.fd_ < 0) {
     int e = errno;
     if (e == ENOENT) raise(ErrorCode::kNotFound, "pool '" + name + "' does not exist (" + m.path_ + ")");
     if (e == ELOOP) raise(ErrorCode::kInvalidName, "pool path " + m.path_ + " is a symbolic link; refusing to follow it");
+    if (e == EACCES && !m.read_only_)
+      raise(ErrorCode::kPool, "cannot open pool '" + name + "' for writing: " + errno_text(e) +
+                                  " (with read permission only, watch it with Pool.open(name, read_only=True) or pykvshm stat)");
     raise(ErrorCode::kPool, "cannot open pool '" + name + "': " + errno_text(e));
   }
   struct stat st {};
@@ -245,7 +255,7 @@ void Mapping::map(const MapOptions& opt) {
                                      ", not node " + std::to_string(opt.numa_node) +
                                      "; device memory cannot be moved (leave numa_node unset or pick the device on that node)");
   // No MAP_POPULATE: pages must not be faulted in before the NUMA policy is set.
-  void* p = mmap(nullptr, file_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  void* p = mmap(nullptr, file_size_, read_only_ ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
   if (p == MAP_FAILED) {
     int e = errno;
     if (e == ENOMEM && huge_ && backend_ != Backend::kDevDax)

@@ -243,6 +243,29 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
 }
 
 std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
+  std::unique_ptr<Pool> p = map_validated(name, opt, expect);
+  if (p->noncoherent()) {
+    p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
+    p->lock_.join();
+  }
+  p->attach_member();
+  g_timer.load(std::memory_order_relaxed)->add(p.get());
+  p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
+  return p;
+}
+
+std::unique_ptr<Pool> Pool::open_read_only(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
+  PoolOptions ro = opt;
+  ro.map.read_only = true;
+  std::unique_ptr<Pool> p = map_validated(name, ro, expect);
+  p->read_only_ = true;
+  // The lock is never joined or taken; its host lines are only read, to judge the
+  // liveness of other hosts' members (members(), check()).
+  if (p->noncoherent()) p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
+  return p;
+}
+
+std::unique_ptr<Pool> Pool::map_validated(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
   std::unique_ptr<Pool> p(new Pool());
   p->map_ = Mapping::open(name, opt.map);
   // Validate from a private copy before mapping anything writable.
@@ -288,13 +311,6 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   p->pid_ = uint32_t(getpid());
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
-  if (p->noncoherent()) {
-    p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
-    p->lock_.join();
-  }
-  p->attach_member();
-  g_timer.load(std::memory_order_relaxed)->add(p.get());
-  p->cursor_.store((p->nblocks_ / p->max_members_) * p->slot_, std::memory_order_relaxed);
   return p;
 }
 
@@ -317,6 +333,7 @@ void Pool::ensure_usable() {
   if (!map_.base()) raise(ErrorCode::kClosed, "the pool handle is closed");
   if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
+  if (read_only_) raise_read_only();
   if (!still_member())
     raise(ErrorCode::kMemberLost, "this pool handle was declared dead by another member (heartbeat lease expired) and "
                                   "its blocks and pins were reclaimed; open the pool again");
@@ -328,12 +345,19 @@ void Pool::ensure_open() const {
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
 }
 
+void Pool::raise_read_only() {
+  raise(ErrorCode::kReadOnly, "this pool handle is read-only (a monitor): it can read stats, members and check the "
+                              "pool, but not change it; open the pool without read_only to use it");
+}
+
 bool Pool::still_member() const {
   return member(slot_)->ctl.load(std::memory_order_acquire) == word::member(kMemberAlive, epoch_, pid_);
 }
 
 bool Pool::enter_exclusive() const {
-  if (!noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
+  // A read-only handle never takes the lock (it could not write its line): its
+  // reads run outside it, each one invalidating first (refresh()).
+  if (read_only_ || !noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
   lock_mu_.lock();
   if (lock_depth_++ == 0) {
     try {
@@ -395,6 +419,7 @@ void Pool::write_back_metadata() const noexcept {
 void Pool::debug_hold_lock() {
   if (!noncoherent()) raise(ErrorCode::kInvalidHandle, "debug_hold_lock: the pool is coherent and has no lock");
   ensure_open();
+  if (read_only_) raise_read_only();
   (void)enter_exclusive();  // never left
 }
 
@@ -410,7 +435,7 @@ LockStats Pool::lock_stats() const {
 }
 
 void Pool::heartbeat() noexcept {
-  if (!map_.base()) return;
+  if (!map_.base() || read_only_) return;
   uint64_t now = realtime_ns();
   uint64_t last = last_heartbeat_.load(std::memory_order_relaxed);
   if (noncoherent()) {
@@ -441,7 +466,7 @@ void Pool::heartbeat() noexcept {
 // Counters live on lines only their member writes (a recoverer only after the
 // member is dead); in noncoherent mode they are written back when the lock is left.
 void Pool::add_counter(Counter c, uint64_t v) noexcept {
-  if (v && map_.base()) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
+  if (v && map_.base() && !read_only_) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
 }
 
 void Pool::flush(const void* p, size_t n) const noexcept {
@@ -503,7 +528,7 @@ void Pool::attach_member() {
 }
 
 bool Pool::member_dead(uint32_t s, uint64_t c) const {
-  if (s == slot_ && map_.base() && word::member_epoch(c) == epoch_ && word::member_status(c) == kMemberAlive) return false;
+  if (!read_only_ && s == slot_ && map_.base() && word::member_epoch(c) == epoch_ && word::member_status(c) == kMemberAlive) return false;
   const MemberSlot* m = member(s);
   uint64_t now = realtime_ns();
   switch (word::member_status(c)) {
@@ -655,7 +680,7 @@ void Pool::close() {
     engine.reset();
   }
   g_timer.load(std::memory_order_relaxed)->remove(this);
-  if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
+  if (!read_only_ && g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
     try {
       Exclusive ex(this);
       leave_pool();
@@ -715,7 +740,7 @@ std::vector<MemberInfo> Pool::members() const {
     mi.start_time = m->start_time.load(std::memory_order_relaxed);
     mi.heartbeat_ns = m->heartbeat_ns.load(std::memory_order_relaxed);
     mi.attach_ns = m->attach_ns.load(std::memory_order_relaxed);
-    mi.self = s == slot_ && mi.epoch == epoch_;
+    mi.self = !read_only_ && s == slot_ && mi.epoch == epoch_;
     mi.alive = !member_dead(s, c);
     out.push_back(mi);
   }

@@ -29,6 +29,7 @@ enum class ErrorCode {
   kTimeout,         // TransferTimeoutError: a transfer wait ran out of time
   kAborted,         // TransferAbortedError: the transfer was aborted (by a side, or its producer died)
   kGone,            // TransferGoneError: no such transfer, or its channel was reused
+  kReadOnly,        // ReadOnlyPoolError: a change asked of a read-only (monitoring) handle
 };
 
 class Error : public std::runtime_error {
@@ -66,6 +67,7 @@ inline const char* error_class_name(ErrorCode c) noexcept {
     case ErrorCode::kTimeout: return "TransferTimeoutError";
     case ErrorCode::kAborted: return "TransferAbortedError";
     case ErrorCode::kGone: return "TransferGoneError";
+    case ErrorCode::kReadOnly: return "ReadOnlyPoolError";
   }
   return "PoolError";
 }

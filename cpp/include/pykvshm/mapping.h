@@ -16,6 +16,7 @@ struct MapOptions {
   int numa_node = -1;      // mbind(MPOL_BIND) the mapping to this node (CXL memory is a CPU-less node);
                            // for device DAX: the device's memory must be on this node
   uint32_t mode = 0600;    // permission bits of a created file
+  bool read_only = false;  // open: O_RDONLY and PROT_READ (a monitor); no placement, nothing written
 };
 
 class Mapping {
@@ -46,7 +47,7 @@ class Mapping {
   uint64_t file_size() const { return file_size_; }
   // pread of the first `n` bytes (fewer if the file is shorter).
   std::vector<uint8_t> read_prefix(size_t n) const;
-  void map(const MapOptions& opt);  // maps [0, file_size) shared, read-write
+  void map(const MapOptions& opt);  // maps [0, file_size) shared, read-write (read-only if opened so)
   void unmap() noexcept;
 
   uint8_t* base() const { return base_; }
@@ -58,6 +59,7 @@ class Mapping {
   int numa_node() const { return numa_node_; }        // the node this mapping was bound to (or checked), -1 none
   int device_node() const { return device_node_; }    // device DAX: NUMA node of its memory per sysfs, -1 unknown
   bool prefaulted() const { return prefaulted_; }
+  bool read_only() const { return read_only_; }
 
   // Removes a pool's backing store (unlink; for device DAX, zeroes the superblock
   // page, and only when it holds a pykvshm pool).
@@ -75,6 +77,7 @@ class Mapping {
   int numa_node_ = -1;
   int device_node_ = -1;
   bool prefaulted_ = false;
+  bool read_only_ = false;
 
   void open_device(int flags);  // opens path_ as device DAX and reads its sysfs attributes
 };

@@ -94,12 +94,22 @@ class Pool {
   // With `expect`, a pool of another geometry is refused before anything is written.
   static std::unique_ptr<Pool> open(const std::string& name, const PoolOptions& opt,
                                     const GeometryIn* expect = nullptr);
+  // A monitor: validates the superblock like open(), then maps the pool PROT_READ
+  // from an O_RDONLY fd and takes no member slot (so a user with read permission
+  // only can watch a pool).  stats(), members(), check(), transfer_info() and the
+  // description work; everything that would change the pool raises kReadOnly.
+  // Noncoherent pools: the monitor cannot take the pool lock, so it reads with
+  // invalidation and what it sees is a best-effort snapshot.  `opt.map` must ask
+  // for no placement.
+  static std::unique_ptr<Pool> open_read_only(const std::string& name, const PoolOptions& opt,
+                                              const GeometryIn* expect = nullptr);
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
 
   void close();  // releases pins, aborts unfinished writes, frees the member slot, unmaps
   bool closed() const { return !map_.base(); }
+  bool read_only() const { return read_only_; }
 
   // ---- description ----
   const layout::Geometry& geometry() const { return geo_; }
@@ -235,11 +245,14 @@ class Pool {
     if (noncoherent()) refresh(p, n);
   }
   void refresh(const void* p, size_t n) const noexcept;
+  // open() and open_read_only(): map and validate, copy the bounds from the superblock.
+  static std::unique_ptr<Pool> map_validated(const std::string& name, const PoolOptions& opt, const GeometryIn* expect);
   void attach_member();
   bool claim_slot(uint32_t slot, uint64_t start_time);
   RecoveryReport do_recover();
   void ensure_usable();          // open, not forked, still a member
   void ensure_open() const;      // open and not forked (read-only operations)
+  [[noreturn]] static void raise_read_only();
   bool still_member() const;     // our slot is still ALIVE with our epoch and pid
   bool member_dead(uint32_t slot, uint64_t ctl) const;
   // What leaving takes back from the members in `mask` (dead ones in recovery, this one in
@@ -320,6 +333,7 @@ class Pool {
   layout::Coherence coherence_ = layout::Coherence::kCoherent;
   bool checksums_ = false;
   uint32_t max_members_ = 0;
+  bool read_only_ = false;  // open_read_only(): PROT_READ, no member slot
 
   uint32_t slot_ = 0, epoch_ = 0;
   uint32_t pid_ = 0;
