@@ -10,6 +10,7 @@ benchmark; the full scripts in bench/ run every size and draw plots.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -230,6 +231,38 @@ class Benchmark:
     fn: Callable[[bool], dict[str, Any]]
 
 
+def bench_connector_load(quick: bool) -> dict[str, Any]:
+    """The vLLM connector's load path, run in the vLLM environment (it needs vLLM importable)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from pykvshm.integrations.vllm_env import vllm_python
+
+    exe = vllm_python()
+    if exe is None:
+        return {"rows": [], "notes": ["not run: no vLLM environment (scripts/setup_vllm_env.sh makes one)"],
+                "skipped": {"connector_load": "no vLLM environment"}}
+    mib, runs, reps = (8, 3, 3) if quick else (32, 3, 7)
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.json")
+        r = subprocess.run([exe, "-m", "pykvshm.benchmarks.connector_load", "--mib", str(mib), "--runs", str(runs),
+                            "--reps", str(reps), "--json", out], capture_output=True, text=True, timeout=900,
+                           cwd="/")
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr.strip().splitlines() or ["connector_load failed"])[-1])
+        with open(out) as f:
+            res = json.load(f)
+    modes = res["modes"]
+    rows = [{"mode": m, "median_s": v["median_s"], "vs_memcpy": v["vs_memcpy"]} for m, v in modes.items()]
+    table = [[m, common.fmt_time(v["median_s"]), f"{v['GBps']:.1f} GB/s", f"{v['vs_memcpy']:.2f}x"]
+             for m, v in modes.items()]
+    return {"baseline": "numpy.copyto of the same bytes, same run", "rows": rows,
+            "table": {"header": ["mode", "time", "rate", "time vs one memcpy"], "rows": table},
+            "notes": [f"{res['bytes'] >> 20} MiB prefix into vLLM CPU KV tensors ({res['geometry']}), median of "
+                      f"{runs} runs; layerwise = the connector's default (one queued gather per layer)"]}
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("alloc", "allocator: alloc + free block ops/s, 1 and 2 processes", "bench/alloc.py", bench_alloc),
     Benchmark("publish_acquire", "publish and copy_to GB/s against memcpy", "bench/publish_acquire.py",
@@ -239,6 +272,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "bench/handoff.py", bench_handoff),
     Benchmark("prefix_reuse", "shared-prefix requests: bytes moved and handoff time, pool vs TCP",
               "bench/prefix_reuse.py", bench_prefix_reuse),
+    Benchmark("connector_load", "vLLM connector: a prefix loaded into vLLM's CPU KV tensors vs one memcpy",
+              "python -m pykvshm.benchmarks.connector_load", bench_connector_load),
 )}
 
 

@@ -23,3 +23,18 @@ def test_scheduler_level_suite(vllm_python: str, tmp_path) -> None:
     assert r.returncode == 0, tail
     summary = tail.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail
+
+
+def test_connector_load_benchmark_is_bit_exact(vllm_python: str, tmp_path) -> None:
+    """The load benchmark's three load paths (layer-wise queued, synchronous, per-block) each put
+    the published prefix into scattered engine blocks of vLLM-shaped CPU KV tensors, checked byte
+    for byte inside the benchmark (a tiny size: correctness, not speed)."""
+    out = tmp_path / "r.json"
+    r = subprocess.run([vllm_python, "-m", "pykvshm.benchmarks.connector_load", "--mib", "4", "--runs", "1", "--reps",
+                        "1", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["blocks"] == 2 and set(res["modes"]) == {"layerwise", "sync", "per-block", "memcpy"}
+    assert all(v["median_s"] > 0 for v in res["modes"].values())
