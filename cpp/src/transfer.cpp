@@ -571,6 +571,22 @@ void Pool::transfer_wait(TransferRef t, uint32_t layer, uint64_t timeout_ns) {
       backoff_us = std::min<uint64_t>(backoff_us * 2, 1000);
       continue;
     }
+    // A layer is often only microseconds away (the producer is copying it): spin briefly
+    // before sleeping, so a handoff does not pay a futex wake-up and a reschedule per layer.
+    {
+      const uint64_t spin_until = monotonic_ns() + 20'000;
+      bool moved = false;
+      while (monotonic_ns() < spin_until) {
+        if (ch.ready.load(std::memory_order_acquire) != v) {
+          moved = true;
+          break;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+      if (moved) continue;
+    }
     ch.waiters.fetch_add(1, std::memory_order_seq_cst);
     if (ch.ready.load(std::memory_order_seq_cst) == v) futex_wait(ch.ready, v, slice);
     ch.waiters.fetch_sub(1, std::memory_order_relaxed);
