@@ -267,13 +267,19 @@ class Pool:
         Raises :class:`ViewsAliveError` while zero-copy views of this handle exist
         (they would point at unmapped memory).
         """
-        if self._core.closed:
+        core = self._core
+        if core.closed:
             return
+        # Refuse new calls first (other threads' calls now raise PoolClosedError), so that no
+        # view can appear between the check below and the unmap; core.close() waits for the
+        # calls in flight (which run without the GIL) before it unmaps.
+        core.shut_calls()
         if any(t.alive() for t in self._block_views.values()) or any(c._views.alive() for c in list(self._children)):
+            core.reopen_calls()
             raise ViewsAliveError("zero-copy views of this pool are still alive; delete them before close()")
         for child in list(self._children):
             child._closed_by_pool()
-        self._core.close()
+        core.close()
 
     def __enter__(self) -> "Pool":
         return self
@@ -520,7 +526,10 @@ class Lease:
             raise ViewsAliveError("views of this lease are still alive; delete them before release()")
         self._released = True
         if len(self._handles) and not self._pool._core.closed:
-            self._pool._core.release(self._handles)
+            try:
+                self._pool._core.release(self._handles)
+            except PoolClosedError:
+                pass  # closed meanwhile by another thread: closing dropped every pin
 
     def _closed_by_pool(self) -> None:
         self._released = True
@@ -657,7 +666,10 @@ class Writer:
             raise ViewsAliveError("writable views of this writer are still alive; delete them before abort()")
         self._done = True
         if not self._pool._core.closed:
-            self._pool._core.abort(self._handles)
+            try:
+                self._pool._core.abort(self._handles)
+            except PoolClosedError:
+                pass  # closed meanwhile by another thread: closing aborted every write
 
     def _closed_by_pool(self) -> None:
         self._done = True

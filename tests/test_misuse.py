@@ -269,6 +269,116 @@ def test_close_drops_pins_and_aborts_writes(pool: pykvshm.Pool, other: pykvshm.P
     del h
 
 
+# ---- close() while other threads are inside calls ----
+
+_CLOSE_RACE = r"""
+import sys, threading, time
+import numpy as np
+import pykvshm
+from pykvshm import errors as E
+
+name, rounds = sys.argv[1], int(sys.argv[2])
+spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+keys = pykvshm.block_keys(np.arange(64 * 4), 4, salt=b"close-race")
+data = np.ones((64, *spec.block_shape), np.float16)
+unexpected = []
+for r in range(rounds):
+    pool = pykvshm.Pool.create(name, spec=spec, capacity="8MiB")
+    pool.publish(keys, data)
+    go = threading.Barrier(9)
+
+    def work(i):
+        out = np.empty_like(data)
+        go.wait()
+        try:
+            while True:
+                k = i % 4
+                if k == 0:
+                    pool.match(keys)
+                elif k == 1:
+                    pool.stats()
+                elif k == 2:
+                    with pool.acquire(keys) as lease:
+                        lease.copy_to(out[:len(lease)])
+                else:
+                    pool.free(pool.alloc(4))
+                    pool.check(strict=False)
+        except E.PoolClosedError:
+            pass  # the only clean outcome once close() has begun
+        except Exception as e:
+            unexpected.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.001 * (r % 5))
+    pool.close()
+    for t in threads:
+        t.join()
+    pykvshm.Pool.destroy(name)
+print("unexpected:", unexpected[:3])
+sys.exit(1 if unexpected else 0)
+"""
+
+
+def test_close_while_eight_threads_are_inside_calls(pool_name: str) -> None:
+    """close() used to unmap under match / stats / copy_to running without the GIL (a segfault in
+    most runs); now later calls raise PoolClosedError and close() waits for those in flight."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CLOSE_RACE, pool_name, "20"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"exit {r.returncode} (-11 is a segfault): {r.stdout} {r.stderr[-2000:]}"
+
+
+def test_close_wakes_a_transfer_waiter(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
+    """A thread waiting (without the GIL) for a layer gets PoolClosedError promptly when another
+    thread closes the handle, instead of keeping close() waiting for its whole timeout."""
+    import threading
+    import time
+
+    from pykvshm.transfer import TransferConsumer, TransferProducer
+
+    producer = pykvshm.Pool.open(pool.name)
+    try:
+        tx = TransferProducer(producer, "close-wakes", make_keys(2, salt=b"tx"))
+        rx = TransferConsumer(pool, "close-wakes", timeout=5)
+        got: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                rx.wait_layer(0, timeout=30)
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                got.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        pool.close()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 5
+        assert len(got) == 1 and isinstance(got[0], E.PoolClosedError), got
+        tx.abort()
+    finally:
+        producer.close()
+
+
+def test_close_refused_for_views_lets_other_calls_go_on(pool: pykvshm.Pool, published) -> None:
+    keys, _ = published
+    lease = pool.acquire(keys)
+    v = lease.views()
+    with pytest.raises(E.ViewsAliveError):
+        pool.close()
+    assert not pool.closed and pool.match(keys) == 4  # the refused close reopened the handle
+    del v
+    lease.release()
+    pool.close()
+    assert pool.closed
+
+
 # ---- arrays ----
 
 def test_publish_wrong_shape(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:

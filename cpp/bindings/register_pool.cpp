@@ -47,6 +47,7 @@ KeyBuf keys_of(const py::buffer& keys, py::buffer_info& info) {
 template <void (Pool::*Method)(const uint64_t*, size_t)>
 auto on_handles() {
   return [](Pool& p, const Handles& h) {
+    Pool::Call call(p);
     const uint64_t* d = h.data();
     size_t n = size_t(h.size());
     py::gil_scoped_release rel;
@@ -136,14 +137,18 @@ void register_pool(py::module_& m) {
         return Mapping::backend_for(name) == Backend::kShm ? Mapping::shm_path(name) : name;
       })
       .def("close", &Pool::close, py::call_guard<py::gil_scoped_release>())
-      .def("abandon", &Pool::abandon)
+      .def("shut_calls", &Pool::shut_calls)
+      .def("reopen_calls", &Pool::reopen_calls)
+      .def("abandon", &Pool::abandon, py::call_guard<py::gil_scoped_release>())
       .def("debug_hold_lock",
            [](Pool& p) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.debug_hold_lock();
            })
       .def("lock_stats",
            [](const Pool& p) {
+             Pool::Call call(p);
              LockStats st = p.lock_stats();
              py::dict d;
              d["acquisitions"] = st.acquisitions;
@@ -154,6 +159,7 @@ void register_pool(py::module_& m) {
            })
       .def_property_readonly("closed", &Pool::closed)
       .def_property_readonly("placement", [](const Pool& p) {
+        Pool::Call call(p);
         const Mapping& mp = p.mapping();
         static const char* kBackends[] = {"shm", "file", "devdax"};
         py::dict d;
@@ -165,7 +171,7 @@ void register_pool(py::module_& m) {
         d["prefault"] = mp.prefaulted();
         return d;
       })
-      .def_property_readonly("geometry", [](const Pool& p) {
+      .def_property_readonly("geometry", [](const Pool& p) {  // copied at attach: no mapping access
         const auto& g = p.geometry();
         py::dict d;
         d["num_layers"] = g.num_layers;
@@ -180,21 +186,35 @@ void register_pool(py::module_& m) {
       })
       .def_property_readonly("num_blocks", &Pool::num_blocks)
       .def_property_readonly("index_slots", &Pool::index_slots)
-      .def_property_readonly("total_bytes", &Pool::total_bytes)
+      .def_property_readonly("total_bytes",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return p.total_bytes();
+                             })
       .def_property_readonly("data_offset", &Pool::data_offset)
       .def_property_readonly("path", &Pool::path)
       .def_property_readonly("coherence", [](const Pool& p) { return uint32_t(p.coherence()); })
       .def_property_readonly("block_checksums", &Pool::block_checksums)
       .def_property_readonly("member_slot", &Pool::member_slot)
       .def_property_readonly("host_id", &Pool::host_id)
-      .def_property_readonly("created_ns", &Pool::created_ns)
-      .def_property_readonly("address", [](const Pool& p) { return reinterpret_cast<uintptr_t>(p.base()); })
+      .def_property_readonly("created_ns",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return p.created_ns();
+                             })
+      .def_property_readonly("address",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return reinterpret_cast<uintptr_t>(p.base());
+                             })
       .def_property_readonly("uuid", [](const Pool& p) {
+        Pool::Call call(p);
         auto u = p.uuid();
         return py::bytes(reinterpret_cast<const char*>(u.data()), u.size());
       })
       .def("alloc",
            [](Pool& p, size_t n, bool evict) {
+             Pool::Call call(p);
              std::vector<uint64_t> out(n);
              {
                py::gil_scoped_release rel;
@@ -206,16 +226,19 @@ void register_pool(py::module_& m) {
       .def("free", on_handles<&Pool::free>())
       .def("block_buffer",
            [](Pool& p, uint64_t handle, bool writable, py::object anchor) {
+             Pool::Call call(p);
              uint8_t* ptr = writable ? p.writable_block(handle) : const_cast<uint8_t*>(p.pinned_block(handle));
              return BlockBuffer{ptr, size_t(p.geometry().block_bytes), !writable, std::move(anchor)};
            },
            py::arg("handle"), py::arg("writable"), py::arg("anchor"))
       .def("block_address", [](Pool& p, uint64_t index) {
+        Pool::Call call(p);
         if (index >= p.num_blocks()) throw py::index_error("block index out of range");
         return reinterpret_cast<uintptr_t>(p.block_data(index));
       })
       .def("match",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              py::gil_scoped_release rel;
@@ -223,6 +246,7 @@ void register_pool(py::module_& m) {
            })
       .def("publish",
            [](Pool& p, const py::buffer& keys, uintptr_t src, uint64_t stride) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              if (stride < p.geometry().block_bytes) throw py::value_error("source stride is smaller than a block");
@@ -231,6 +255,7 @@ void register_pool(py::module_& m) {
            })
       .def("acquire",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              std::vector<uint64_t> out(k.n);
@@ -244,6 +269,7 @@ void register_pool(py::module_& m) {
       .def("release", on_handles<&Pool::release>())
       .def("copy_out",
            [](Pool& p, const Handles& h, uintptr_t dst, uint64_t stride) {
+             Pool::Call call(p);
              if (stride < p.geometry().block_bytes) throw py::value_error("destination stride is smaller than a block");
              const uint64_t* d = h.data();
              size_t n = size_t(h.size());
@@ -252,6 +278,7 @@ void register_pool(py::module_& m) {
            })
       .def("reserve",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              std::vector<int64_t> pos(k.n);
@@ -269,6 +296,7 @@ void register_pool(py::module_& m) {
       .def("abort", on_handles<&Pool::abort_writes>())
       .def("recover",
            [](Pool& p) {
+             Pool::Call call(p);
              RecoveryReport r;
              {
                py::gil_scoped_release rel;
@@ -282,6 +310,7 @@ void register_pool(py::module_& m) {
            })
       .def("stats",
            [](const Pool& p) {
+             Pool::Call call(p);
              Stats s;
              {
                py::gil_scoped_release rel;
@@ -291,6 +320,7 @@ void register_pool(py::module_& m) {
            })
       .def("members",
            [](const Pool& p) {
+             Pool::Call call(p);
              py::list out;
              for (const auto& mi : p.members()) {
                py::dict d;
@@ -311,6 +341,7 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_open",
            [](Pool& p, const py::bytes& req, const py::buffer& keys) {
+             Pool::Call call(p);
              std::string r = req;
              if (r.size() != 16) throw py::value_error("request key must be 16 bytes");
              py::buffer_info info;
@@ -324,21 +355,25 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_put_layer",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t src, uint64_t stride) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_put_layer({ch, epoch}, layer, reinterpret_cast<const uint8_t*>(src), stride);
            })
       .def("transfer_finish",
            [](Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_finish({ch, epoch});
            })
       .def("transfer_abort",
            [](Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_abort({ch, epoch});
            })
       .def("transfer_attach",
            [](Pool& p, std::optional<py::bytes> req, std::optional<py::bytes> first, uint32_t n, double timeout_s) {
+             Pool::Call call(p);
              std::string r = req ? std::string(*req) : std::string();
              std::string f = first ? std::string(*first) : std::string();
              if ((req && r.size() != 16) || (first && f.size() != 16)) throw py::value_error("keys must be 16 bytes");
@@ -355,6 +390,7 @@ void register_pool(py::module_& m) {
            py::arg("req"), py::arg("first"), py::arg("n"), py::arg("timeout_s"))
       .def("transfer_info",
            [](const Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              auto i = p.transfer_info({ch, epoch});
              const char* st[] = {"free", "filling", "open", "done", "aborted", "?", "?", "?"};
              py::dict d;
@@ -369,18 +405,21 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_wait",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, double timeout_s) {
+             Pool::Call call(p);
              uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
              py::gil_scoped_release rel;
              p.transfer_wait({ch, epoch}, layer, ns);
            })
       .def("transfer_copy_layer",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t dst, uint64_t stride) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_copy_layer({ch, epoch}, layer, reinterpret_cast<uint8_t*>(dst), stride);
            })
       .def("transfer_read_layers",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t dst,
               uint64_t layer_stride, uint64_t block_stride, double timeout_s) {
+             Pool::Call call(p);
              // Layers [first, first+count), each as soon as it is ready: block j of layer l goes
              // to dst + (l - first) * layer_stride + j * block_stride.  One call without the GIL,
              // so a busy interpreter does not delay the handoff.
@@ -398,6 +437,7 @@ void register_pool(py::module_& m) {
       .def("transfer_put_layers",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t src,
               uint64_t layer_stride, uint64_t block_stride, bool finish) {
+             Pool::Call call(p);
              // Layers [first, first+count) from src + (l - first) * layer_stride + j * block_stride,
              // each published (and its waiters woken) as soon as it is written; optionally finish.
              const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
@@ -409,8 +449,18 @@ void register_pool(py::module_& m) {
              if (finish) p.transfer_finish({ch, epoch});
            })
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
-      .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())
-      .def("heartbeat", &Pool::heartbeat);
+      .def(
+          "check",
+          [](const Pool& p, bool strict) {
+            Pool::Call call(p);
+            py::gil_scoped_release rel;
+            p.check(strict);
+          },
+          py::arg("strict") = true)
+      .def("heartbeat", [](Pool& p) {
+        Pool::Call call(p);
+        p.heartbeat();
+      });
 }
 
 }  // namespace pykvshm::bindings

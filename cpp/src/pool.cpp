@@ -642,6 +642,9 @@ void Pool::retire_counters(uint32_t s) {
 }
 
 void Pool::close() {
+  calls_.shut(true);
+  calls_.wait_idle();
+  std::lock_guard<std::mutex> lk(close_mu_);
   if (!map_.base()) return;
   g_timer.load(std::memory_order_relaxed)->remove(this);
   if (g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
@@ -678,6 +681,9 @@ void Pool::leave_pool() {
 
 void Pool::abandon() noexcept {
   // Drop the mapping and forget the slot, as if the process had died here.
+  calls_.shut(true);
+  calls_.wait_idle();
+  std::lock_guard<std::mutex> lk(close_mu_);
   g_timer.load(std::memory_order_relaxed)->remove(this);
   map_.unmap();
 }
