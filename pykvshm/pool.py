@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid as _uuid
 import weakref
 from collections.abc import Iterable, Iterator
@@ -466,6 +467,7 @@ class Lease:
         self._handles = handles
         self._released = False
         self._views = _ViewTracker()
+        self._lock = threading.Lock()  # makes release's check-and-set atomic across threads
 
     def __len__(self) -> int:
         return 0 if self._released else len(self._handles)
@@ -519,12 +521,14 @@ class Lease:
         return out
 
     def release(self) -> None:
-        """Drop the pins.  Idempotent."""
-        if self._released:
-            return
-        if self._views.alive():
-            raise ViewsAliveError("views of this lease are still alive; delete them before release()")
-        self._released = True
+        """Drop the pins.  Idempotent, also when several threads release the lease at once
+        (exactly one of them drops the pins)."""
+        with self._lock:
+            if self._released:
+                return
+            if self._views.alive():
+                raise ViewsAliveError("views of this lease are still alive; delete them before release()")
+            self._released = True
         if len(self._handles) and not self._pool._core.closed:
             try:
                 self._pool._core.release(self._handles)
