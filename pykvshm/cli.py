@@ -149,8 +149,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     with Pool.open(args.name) as pool:
-        pool.check(strict=not args.live)
-        _out(args, {"ok": True, "strict": not args.live}, lambda d: "pool is consistent")
+        if args.checksums and not pool.checksums:
+            raise PoolError(f"pool '{args.name}' was created without block checksums; --checksums has nothing to verify")
+        pool.check(strict=not args.live, checksums=args.checksums)
+        _out(args, {"ok": True, "strict": not args.live, "checksums": args.checksums},
+             lambda d: "pool is consistent" + (" and every sealed block matches its checksum" if d["checksums"] else ""))
     return 0
 
 
@@ -302,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "verify the pool's invariants")
     p.add_argument("name")
     p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
+    p.add_argument("--checksums", action="store_true",
+                   help="also verify every sealed block against its checksum (a pool created with checksums)")
     p = add("destroy", cmd_destroy, "remove a pool")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="remove the file even if it does not look like a pykvshm pool")

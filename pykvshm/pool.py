@@ -437,13 +437,17 @@ class Pool:
         """Block accounting (total, free, writing, sealed, evicting, pinned), members and counters."""
         return dict(self._live().stats())
 
-    def check(self, strict: bool = True) -> None:
+    def check(self, strict: bool = True, *, checksums: bool = False) -> None:
         """Verify the pool's invariants; raises CorruptPoolError on the first violation.
 
         ``strict`` checks exact accounting and must be called when no operation is
         in flight in any process; ``strict=False`` checks only what holds at all times.
+        ``checksums`` (a pool created with ``checksums=True``) also reads every sealed
+        block and compares it with its stored CRC32C, naming the blocks that fail.
         """
-        self._live().check(bool(strict))
+        if checksums and not self.checksums:
+            raise ValueError("check(checksums=True): the pool was created without block checksums (checksums=True)")
+        self._live().check(bool(strict), bool(checksums))
 
     def recover(self) -> dict[str, int]:
         """Reclaim what dead members held (blocks being written, pins, member slots)."""

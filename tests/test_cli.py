@@ -84,7 +84,7 @@ def test_every_pool_subcommand_with_json(pool_name: str) -> None:
     assert r.returncode == 0 and "hit rate n/a" in r.stdout
 
     r = cli("check", pool_name, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "strict": True}
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "strict": True, "checksums": False}
     r = cli("check", pool_name, "--live")
     assert r.returncode == 0 and "consistent" in r.stdout
     r = cli("recover", pool_name, "--json")

@@ -451,12 +451,12 @@ void register_pool(py::module_& m) {
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
       .def(
           "check",
-          [](const Pool& p, bool strict) {
+          [](const Pool& p, bool strict, bool checksums) {
             Pool::Call call(p);
             py::gil_scoped_release rel;
-            p.check(strict);
+            p.check(strict, checksums);
           },
-          py::arg("strict") = true)
+          py::arg("strict") = true, py::arg("checksums") = false)
       .def("heartbeat", [](Pool& p) {
         Pool::Call call(p);
         p.heartbeat();

@@ -220,7 +220,9 @@ class Pool {
   RecoveryReport recover();
   Stats stats() const;
   std::vector<MemberInfo> members() const;
-  void check(bool strict) const;  // throws kCorrupt naming the first violation
+  // Throws kCorrupt naming the first violation; with `checksums` (a pool created with block
+  // checksums) also recomputes every sealed block's CRC and names the blocks that fail.
+  void check(bool strict, bool checksums = false) const;
   void add_counter(layout::Counter c, uint64_t v) noexcept;
   void heartbeat() noexcept;
 
@@ -291,6 +293,10 @@ class Pool {
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
   void remove_entry(uint64_t index, uint32_t gen) noexcept;
+  // A sealed block whose bytes failed their checksum: flag it, take it out of the index and free it
+  // unless some member pins it (eviction reclaims it once unpinned).  Returns true when freed now.
+  bool withdraw(uint64_t index, uint32_t gen) noexcept;
+  bool withdrawn(uint64_t index, uint64_t state_word) const noexcept;
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
   void unpin(uint64_t index) noexcept;
   void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
