@@ -13,7 +13,8 @@ import numpy as np
 
 from . import _core
 from ._arrays import check_blocks, host_address, is_cuda, is_torch
-from .errors import GeometryMismatchError, PoolClosedError, PoolNotFoundError, ShapeMismatchError, ViewsAliveError
+from .errors import (GeometryMismatchError, PoolClosedError, PoolFullError, PoolNotFoundError, ShapeMismatchError,
+                     ViewsAliveError)
 from .keys import keys_buffer
 from .spec import KVSpec, parse_size
 
@@ -93,6 +94,45 @@ def dax_devices() -> list[dict[str, Any]]:
     return out
 
 
+_MAX_CAPACITY = 1 << 62  # bytes; far beyond any machine, and no size arithmetic can overflow below it
+
+
+def _int_option(name: str, value: Any, lo: int, hi: int, what: str) -> int:
+    """``value`` as an int in [lo, hi], or a ValueError that says what is expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def _mode_option(mode: Any) -> int:
+    m = _int_option("mode", mode, 0, (1 << 32) - 1, "permission bits between 0 and 0o777, such as 0o600")
+    if m & ~0o777:
+        raise ValueError(f"mode {oct(m)} has bits beyond the permission bits (setuid, setgid or sticky, or more); "
+                         f"a pool file takes permission bits only, such as 0o600 or 0o660")
+    return m
+
+
+def _lease_option(lease: Any) -> float:
+    try:
+        v = float(lease)
+    except (TypeError, ValueError):
+        raise ValueError(f"lease must be a number of seconds, got {type(lease).__name__} {lease!r}") from None
+    if not 0 < v < 1e9:  # also refuses nan and inf
+        raise ValueError(f"lease must be a positive, finite number of seconds, got {lease!r}")
+    return v
+
+
+def _placement_options(numa_node: Any, host_id: Any) -> tuple[int, int]:
+    node = -1 if numa_node is None else _int_option("numa_node", numa_node, 0, (1 << 31) - 1,
+                                                     "a non-negative int (a NUMA node number) or None")
+    host = 0 if host_id is None else _int_option("host_id", host_id, 0, (1 << 64) - 1,
+                                                  "an int between 0 and 2**64-1 (0 or None: this host's own id)")
+    return node, host
+
+
 def _block_array(buf: Any, spec: KVSpec) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8).view(spec.np_dtype).reshape(spec.block_shape)
 
@@ -155,14 +195,15 @@ class Pool:
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
         if coherence not in _COHERENCE:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
-        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
-            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
+        node, host = _placement_options(numa_node, host_id)
+        cap = parse_size(capacity)
+        if cap > _MAX_CAPACITY:
+            raise ValueError(f"capacity {cap} bytes is larger than a pool can be (at most 2**62 bytes)")
         core = _core.Pool.create(
             str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
-            spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
-            huge_pages=bool(huge_pages), numa_node=-1 if numa_node is None else int(numa_node),
-            coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
-            lease_s=float(lease),
+            spec.itemsize, cap, mode=_mode_option(mode), prefault=bool(prefault),
+            huge_pages=bool(huge_pages), numa_node=node, coherence=_COHERENCE[coherence], checksums=bool(checksums),
+            host_id=host, lease_s=_lease_option(lease),
         )
         return cls(core, str(name))
 
@@ -196,12 +237,10 @@ class Pool:
             name = str(_core.dax_find_pool(want.bytes))
         expect = None if spec is None else (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens,
                                              spec.dtype_code, spec.itemsize)
-        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
-            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
+        node, host = _placement_options(numa_node, host_id)
         core = _core.Pool.open(
-            str(name), prefault=bool(prefault), huge_pages=bool(huge_pages),
-            numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0), lease_s=float(lease),
-            expect=expect,
+            str(name), prefault=bool(prefault), huge_pages=bool(huge_pages), numa_node=node, host_id=host,
+            lease_s=_lease_option(lease), expect=expect,
         )
         pool = cls(core, str(name))
         if want is not None and pool.uuid != str(want):
@@ -231,7 +270,7 @@ class Pool:
         """
         import time
 
-        from .errors import CorruptPoolError, PoolExistsError, PoolInitializingError, PoolNotFoundError
+        from .errors import PoolExistsError, PoolInitializingError, PoolNotFoundError
 
         open_opts = {k: v for k, v in options.items() if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease")}
         deadline = time.monotonic() + timeout
@@ -243,10 +282,10 @@ class Pool:
                     return cls.create(name, spec, capacity, **options)
                 except PoolExistsError:
                     pass  # another process won the race; attach to its pool
-            except (PoolInitializingError, CorruptPoolError) as e:
-                # A creator's file is empty or short until it has been sized and
-                # initialised: retry while it is young, otherwise the file is damaged.
-                if not _recently_created(cls.path_for(name)) or time.monotonic() > deadline:
+            except PoolInitializingError as e:
+                # A creator is still at work on it (the core sees the creator's lock on the
+                # file; a file left unfinished by a dead creator is CorruptPoolError at once).
+                if time.monotonic() > deadline:
                     raise e
             if time.monotonic() > deadline:
                 raise PoolInitializingError(f"pool '{name}' did not become ready within {timeout} s")
@@ -363,10 +402,11 @@ class Pool:
         Evicts sealed, unpinned blocks when no block is free (unless ``evict=False``);
         raises :class:`~pykvshm.errors.PoolFullError` when even that cannot make room.
         """
-        n = int(n)
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        return self._live().alloc(n, bool(evict))
+        n = _int_option("n", n, 0, 1 << 64, "a number of blocks (an int >= 0)")
+        core = self._live()
+        if n > self.num_blocks:
+            raise PoolFullError(f"asked for {n} blocks but the pool has only {self.num_blocks}")
+        return core.alloc(n, bool(evict))
 
     def free(self, handles: Iterable[int] | np.ndarray) -> None:
         """Free blocks this handle allocated (and has not sealed)."""
@@ -703,13 +743,3 @@ class Writer:
     def __repr__(self) -> str:
         return f"<pykvshm.Writer {len(self)} blocks{' done' if self._done else ''}>"
 
-
-def _recently_created(path: str, within: float = 10.0) -> bool:
-    """True when ``path`` changed in the last ``within`` seconds (a creator is still at work)."""
-    import time
-
-    try:
-        st = os.stat(path)
-    except OSError:
-        return True  # gone again: the creator failed and removed it, or it is being replaced
-    return time.time() - max(st.st_mtime, st.st_ctime) < within

@@ -463,6 +463,34 @@ def test_close_refused_for_views_lets_other_calls_go_on(pool: pykvshm.Pool, publ
 
 # ---- arrays ----
 
+@pytest.mark.parametrize("data", [[[0.0]], (1, 2), b"bytes", None, 3.5])
+def test_publish_data_of_the_wrong_kind_is_a_type_error(pool: pykvshm.Pool, spec: pykvshm.KVSpec, data) -> None:
+    """publish(keys, a list) used to raise AttributeError ('list' object has no attribute 'shape')."""
+    with pytest.raises(TypeError, match=r"publish data must be a numpy array or a torch tensor of shape \(2, "):
+        pool.publish(make_keys(2), data)
+    with pytest.raises(TypeError, match="copy_to destination must be a numpy array"):
+        pool.publish(make_keys(1), blocks(spec, 1))
+        with pool.acquire(make_keys(1)) as lease:
+            lease.copy_to(data)
+    assert_quiescent_ok(pool)
+
+
+def test_alloc_of_more_blocks_than_the_pool_has_is_refused_up_front(pool: pykvshm.Pool) -> None:
+    """alloc(400_000_000) used to allocate a 3 GB handle array and scan for 31 s before PoolFullError."""
+    import time
+
+    for n in (pool.num_blocks + 1, 400_000_000, 2**63):
+        t0 = time.monotonic()
+        with pytest.raises(E.PoolFullError, match=f"asked for {n} blocks but the pool has only {pool.num_blocks}"):
+            pool.alloc(n)
+        assert time.monotonic() - t0 < 2
+    with pytest.raises(E.PoolFullError, match="400000000 blocks"):  # the core refuses it as early
+        pool._core.alloc(400_000_000, True)
+    with pytest.raises(ValueError, match="a number of blocks"):
+        pool.alloc(-1)
+    assert_quiescent_ok(pool)
+
+
 def test_publish_wrong_shape(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
     keys = make_keys(2)
     bad = np.zeros((2, spec.num_layers, 2, spec.block_tokens, spec.num_kv_heads, spec.head_dim + 1), spec.np_dtype)

@@ -84,12 +84,13 @@ PoolOptions options(bool prefault, bool huge_pages, int numa_node, uint32_t mode
   o.map.prefault = prefault;
   o.map.huge_pages = huge_pages;
   o.map.numa_node = numa_node;
+  if (mode > 0777) throw py::value_error("mode must be permission bits between 0 and 0o777 (no setuid, setgid or sticky bit)");
   o.map.mode = mode;
   if (coherence > 1) throw py::value_error("coherence must be 0 (coherent) or 1 (noncoherent)");
   o.coherence = layout::Coherence(coherence);
   o.block_checksums = checksums;
   o.host_id = host_id;
-  if (!(lease_s > 0)) throw py::value_error("lease must be positive");
+  if (!(lease_s > 0 && lease_s < 1e9)) throw py::value_error("lease must be a positive, finite number of seconds");
   o.lease_ns = uint64_t(lease_s * 1e9);
   return o;
 }
@@ -215,6 +216,10 @@ void register_pool(py::module_& m) {
       .def("alloc",
            [](Pool& p, size_t n, bool evict) {
              Pool::Call call(p);
+             // Refused before the handle array is allocated (n may be in the billions).
+             if (n > p.num_blocks())
+               raise(ErrorCode::kFull, "asked for " + std::to_string(n) + " blocks but the pool has only " +
+                                           std::to_string(p.num_blocks()));
              std::vector<uint64_t> out(n);
              {
                py::gil_scoped_release rel;

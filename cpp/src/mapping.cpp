@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -9,6 +10,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -125,6 +127,9 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
   check_placement(opt);
+  if (opt.mode & ~0777u)
+    raise(ErrorCode::kPool, "mode " + std::to_string(opt.mode) + " has bits beyond the permission bits (setuid, setgid, "
+                            "sticky); a pool file takes permission bits only");
   // The creator's mapping is only for initialising the metadata; Pool::open maps
   // again and prefaults then (after posix_fallocate has reserved the space, so a
   // full filesystem is ENOSPC here, not a fault).
@@ -150,6 +155,10 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
     if (e == ENOENT) raise(ErrorCode::kNotFound, "cannot create pool '" + name + "': directory does not exist");
     raise(ErrorCode::kPool, "cannot create pool '" + name + "': " + errno_text(e));
   }
+  // Held until this mapping is dropped (Pool::create drops it after publishing the
+  // layout version): an opener that finds no superblock yet tells a creator at work
+  // (locked) from one that died (unlocked) with creator_at_work().
+  (void)flock(m.fd_, LOCK_EX | LOCK_NB);
   // shm_open applies the umask; make the mode exactly what the caller asked.
   fchmod(m.fd_, static_cast<mode_t>(opt.mode));
   try {
@@ -212,12 +221,25 @@ Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
     m.device_node_ = a.target_node;
   } else if (S_ISREG(st.st_mode)) {
     m.file_size_ = static_cast<uint64_t>(st.st_size);
+    m.owner_uid_ = st.st_uid;
+    m.file_mode_ = st.st_mode & 07777;
+    auto ns = [](const timespec& t) { return uint64_t(t.tv_sec) * 1'000'000'000ull + uint64_t(t.tv_nsec); };
+    m.changed_ns_ = std::max(ns(st.st_mtim), ns(st.st_ctim));
     if (is_hugetlbfs(m.fd_, &m.huge_page_size_)) m.huge_ = true;
     else if (opt.huge_pages) placement::check_file_huge_pages(m.fd_, m.path_);
   } else {
     raise(ErrorCode::kCorrupt, "pool '" + name + "' (" + m.path_ + ") is not a regular file or device DAX");
   }
   return m;
+}
+
+bool Mapping::creator_at_work() const {
+  if (fd_ < 0 || backend_ == Backend::kDevDax) return false;
+  if (flock(fd_, LOCK_SH | LOCK_NB) == 0) {
+    (void)flock(fd_, LOCK_UN);
+    return false;
+  }
+  return errno == EWOULDBLOCK;
 }
 
 std::vector<uint8_t> Mapping::read_prefix(size_t n) const {
