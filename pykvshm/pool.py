@@ -698,26 +698,39 @@ class Writer:
         _torch.copy_device_to_blocks(data, bufs, rows if rows is not None else [int(p) for p in self._positions])
         del bufs, anchor
 
+    def _block_views_alive(self) -> bool:
+        """Whether ``pool.block_view(h)`` views of this writer's blocks are alive (they are writable)."""
+        views = self._pool._block_views
+        return any((t := views.get(int(h))) is not None and t.alive() for h in self._handles)
+
+    def _forget_block_views(self) -> None:
+        for h in self._handles:
+            self._pool._block_views.pop(int(h), None)
+
     def commit(self) -> None:
         """Seal the blocks and make them visible in the index."""
         core = self._check()
-        if self._views.alive():
-            raise ViewsAliveError("writable views of this writer are still alive; delete them before commit()")
+        if self._views.alive() or self._block_views_alive():
+            raise ViewsAliveError("writable views of this writer's blocks are still alive (views() or "
+                                  "pool.block_view()); delete them before commit(): a sealed block is immutable")
         core.commit(self._handles)
         self._done = True
+        self._forget_block_views()
 
     def abort(self) -> None:
         """Free the reserved blocks and withdraw their keys.  Idempotent."""
         if self._done:
             return
-        if self._views.alive():
-            raise ViewsAliveError("writable views of this writer are still alive; delete them before abort()")
+        if self._views.alive() or self._block_views_alive():
+            raise ViewsAliveError("writable views of this writer's blocks are still alive (views() or "
+                                  "pool.block_view()); delete them before abort()")
         self._done = True
         if not self._pool._core.closed:
             try:
                 self._pool._core.abort(self._handles)
             except PoolClosedError:
                 pass  # closed meanwhile by another thread: closing aborted every write
+        self._forget_block_views()
 
     def _closed_by_pool(self) -> None:
         self._done = True

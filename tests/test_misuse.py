@@ -288,6 +288,50 @@ def test_writer_views_block_commit_and_abort(pool: pykvshm.Pool, spec: pykvshm.K
     assert_quiescent_ok(pool)
 
 
+def test_a_block_view_of_a_writer_block_blocks_commit_and_abort(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
+    """A writable pool.block_view() of a Writer's block used to survive commit(): the sealed block,
+    which readers trust to be immutable, stayed writable through it."""
+    keys = make_keys(2, salt=b"bv")
+    w = pool.writer(keys)
+    v = pool.block_view(int(w.handles[1]))
+    v[...] = 7
+    for op in (w.commit, w.abort):
+        with pytest.raises(E.ViewsAliveError, match="pool.block_view"):
+            op()
+    assert not w.done
+    del v
+    w.commit()
+    assert pool.match(keys) == 2
+    with pytest.raises(E.InvalidHandleError):  # the sealed block gives no writable view any more
+        pool.block_view(int(w.handles[1]))
+    with pool.acquire(keys) as lease:
+        assert (lease.copy_to(np.empty((2, *spec.block_shape), spec.np_dtype))[1] == 7).all()
+    assert_quiescent_ok(pool)
+
+
+def test_a_failed_create_leaves_no_file(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """A creator that cannot open the file it just made (mode 0o400 for a user other than root) used to
+    leave it behind under the pool's name."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, pykvshm
+        os.setgid(65534); os.setuid(65534)  # nobody: the mode binds this user, unlike root
+        spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+        try:
+            pykvshm.Pool.create({pool_name!r}, spec=spec, capacity="4MiB", mode=0o400)
+        except pykvshm.errors.PoolError as e:
+            print("refused:", e)
+        """)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the creator as another user")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "refused:" in r.stdout and "Permission denied" in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
+
+
 def test_lease_of_another_handle_cannot_be_released_twice_by_hand(pool: pykvshm.Pool, other: pykvshm.Pool,
                                                                    published) -> None:
     keys, _ = published

@@ -248,8 +248,16 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     if (b != Backend::kDevDax) ::unlink(path.c_str());
     throw;
   }
+  std::string path = m.path();
   m.unmap();
-  return open(name, opt);
+  try {
+    return open(name, opt);
+  } catch (...) {
+    // E.g. a mode that does not let the creator itself open the file again: a pool
+    // nobody created successfully must not stay behind under the name.
+    if (b != Backend::kDevDax) ::unlink(path.c_str());
+    throw;
+  }
 }
 
 std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
