@@ -45,6 +45,7 @@ class Pool:
         host_id: int = 0,
         lease_s: float = 10.0,
         expect: tuple[int, int, int, int, int, int] | None = None,
+        allow_foreign: bool = False,
     ) -> Pool: ...
     @staticmethod
     def destroy(name: str) -> None: ...

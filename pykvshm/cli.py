@@ -109,8 +109,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open(args: argparse.Namespace) -> Pool:
+    return Pool.open(args.name, allow_foreign=args.allow_foreign)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with _open(args) as pool:
         _out(args, _info_dict(pool), _human_info)
     return 0
 
@@ -118,7 +122,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_stat(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    with Pool.open(args.name) as pool:
+    with _open(args) as pool:
         if not args.watch:
             _out(args, pool.stats(), _human_stat)
             return 0
@@ -135,7 +139,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with _open(args) as pool:
         # Attaching already recovers; run it once more and report the total work done.
         before = pool.stats()["recovered_members"]
         r = pool.recover()
@@ -148,7 +152,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with _open(args) as pool:
         if args.checksums and not pool.checksums:
             raise PoolError(f"pool '{args.name}' was created without block checksums; --checksums has nothing to verify")
         pool.check(strict=not args.live, checksums=args.checksums)
@@ -277,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(fn=fn)
+        if fn in (cmd_info, cmd_stat, cmd_recover, cmd_check):
+            p.add_argument("--allow-foreign", action="store_true",
+                           help="attach even to a pool owned by another user or writable by group/others")
         return p
 
     p = add("create", cmd_create, "create a pool")

@@ -28,6 +28,7 @@ __all__ = [
     "ShapeMismatchError",
     "DTypeMismatchError",
     "ViewsAliveError",
+    "UntrustedPoolError",
 ]
 
 
@@ -129,3 +130,8 @@ class DTypeMismatchError(PoolError, TypeError):
 
 class ViewsAliveError(PoolError):
     """Zero-copy views still refer to blocks that are being released, freed or sealed."""
+
+
+class UntrustedPoolError(PoolError, PermissionError):
+    """The pool file is owned by another user, or writable by its group or by others: whoever made it
+    can read or alter every KV block.  ``Pool.open(..., allow_foreign=True)`` attaches anyway."""

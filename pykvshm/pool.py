@@ -219,8 +219,14 @@ class Pool:
         numa_node: int | None = None,
         host_id: int | None = None,
         lease: float = 10.0,
+        allow_foreign: bool = False,
     ) -> "Pool":
         """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry.
+
+        A pool file owned by another user, or writable by its group or by others, raises
+        :class:`~pykvshm.errors.UntrustedPoolError` (whoever controls the file can read and
+        alter every KV block: another local user may have created the name first);
+        ``allow_foreign=True`` attaches anyway, for a pool shared between users on purpose.
 
         ``uuid`` without ``name`` finds the pool among the device-DAX devices (the same
         device has different names on different hosts; the uuid in its superblock does
@@ -240,7 +246,7 @@ class Pool:
         node, host = _placement_options(numa_node, host_id)
         core = _core.Pool.open(
             str(name), prefault=bool(prefault), huge_pages=bool(huge_pages), numa_node=node, host_id=host,
-            lease_s=_lease_option(lease), expect=expect,
+            lease_s=_lease_option(lease), expect=expect, allow_foreign=bool(allow_foreign),
         )
         pool = cls(core, str(name))
         if want is not None and pool.uuid != str(want):
@@ -266,13 +272,15 @@ class Pool:
         existing pool of another geometry raises ``GeometryMismatchError``.
         ``options`` are :meth:`create`'s keyword arguments (``prefault``,
         ``huge_pages``, ``numa_node``, ``coherence``, ...); the ones :meth:`open`
-        also takes apply when attaching.
+        also takes apply when attaching, and ``allow_foreign`` only there.
         """
         import time
 
         from .errors import PoolExistsError, PoolInitializingError, PoolNotFoundError
 
-        open_opts = {k: v for k, v in options.items() if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease")}
+        open_opts = {k: v for k, v in options.items()
+                     if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease", "allow_foreign")}
+        options.pop("allow_foreign", None)  # attaching only: a pool this call creates is its caller's own
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -658,3 +658,66 @@ def test_second_pool_on_a_full_filesystem_fails_cleanly(tiny_tmpfs: Path) -> Non
     assert r.returncode == 3, f"rc={r.returncode} stdout={r.stdout!r} stderr={r.stderr!r}"
     assert not (tiny_tmpfs / "second.kv").exists()
     assert (tiny_tmpfs / "first.kv").exists()
+
+
+# ---- ownership: a pool another user made, or others may write ----
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (chown, setuid)")
+
+
+@needs_root
+def test_a_pool_owned_by_another_user_is_refused(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """Another local user can create the pool's name first; open / open_or_create used to attach to
+    it without any check, so each side read (and could rewrite) the other's blocks."""
+    squat = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, pykvshm
+        os.setgid({NOBODY}); os.setuid({NOBODY})
+        spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+        pykvshm.Pool.create({pool_name!r}, spec=spec, capacity="4MiB", mode=0o666).close()
+        """)], capture_output=True, text=True, timeout=60)
+    assert squat.returncode == 0, squat.stderr
+    path = pykvshm.Pool.path_for(pool_name)
+    assert os.stat(path).st_uid == NOBODY
+    before = file_hash(path)
+    for attach in (lambda: pykvshm.Pool.open(pool_name, spec=spec),
+                   lambda: pykvshm.Pool.open_or_create(pool_name, spec, "4MiB")):
+        with pytest.raises(E.UntrustedPoolError, match=rf"owned by uid {NOBODY}.*not by this process's user "
+                                                       rf"\(uid 0.*allow_foreign=True") as info:
+            attach()
+        assert isinstance(info.value, PermissionError) and "destroy --force" in str(info.value)
+    assert file_hash(path) == before  # refused before anything was mapped or any member slot taken
+    with pykvshm.Pool.open(pool_name, spec=spec, allow_foreign=True) as pool:  # shared on purpose
+        assert pool.num_blocks > 0
+
+
+@needs_root
+def test_an_empty_squat_file_is_refused_at_once_naming_its_owner(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """An empty file under the name used to block open_or_create for 10 s and end in CorruptPoolError."""
+    import time
+
+    path = pykvshm.Pool.path_for(pool_name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+    os.fchown(fd, NOBODY, NOBODY)
+    os.fchmod(fd, 0o666)
+    os.close(fd)
+    t0 = time.monotonic()
+    with pytest.raises(E.UntrustedPoolError, match=rf"owned by uid {NOBODY}"):
+        pykvshm.Pool.open_or_create(pool_name, spec, "4MiB")
+    assert time.monotonic() - t0 < 2
+    r = subprocess.run([sys.executable, "-m", "pykvshm", "info", pool_name], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "UntrustedPoolError" in r.stderr and f"owned by uid {NOBODY}" in r.stderr
+
+
+@pytest.mark.parametrize("mode, who", [(0o666, "every local user"), (0o620, "its group"), (0o602, "every local user")])
+def test_a_pool_others_may_write_is_refused(pool_name: str, spec: pykvshm.KVSpec, mode: int, who: str) -> None:
+    pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY, mode=mode).close()  # the creator may ask for it
+    path = pykvshm.Pool.path_for(pool_name)
+    with pytest.raises(E.UntrustedPoolError, match=rf"writable by {who} \(mode 0{mode:o}\).*allow_foreign=True.*chmod go-w"):
+        pykvshm.Pool.open(pool_name)
+    pykvshm.Pool.open(pool_name, allow_foreign=True).close()
+    r = subprocess.run([sys.executable, "-m", "pykvshm", "check", pool_name, "--allow-foreign", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    os.chmod(path, 0o640)
+    pykvshm.Pool.open(pool_name).close()

@@ -124,15 +124,17 @@ void register_pool(py::module_& m) {
       .def_static(
           "open",
           [](const std::string& name, bool prefault, bool huge_pages, int numa_node, uint64_t host_id, double lease_s,
-             std::optional<std::array<uint32_t, 6>> expect) {
+             std::optional<std::array<uint32_t, 6>> expect, bool allow_foreign) {
             auto o = options(prefault, huge_pages, numa_node, 0600, 0, false, host_id, lease_s);
+            o.map.allow_foreign = allow_foreign;
             GeometryIn g{};
             if (expect) g = GeometryIn{(*expect)[0], (*expect)[1], (*expect)[2], (*expect)[3], (*expect)[4], (*expect)[5]};
             py::gil_scoped_release rel;
             return Pool::open(name, o, expect ? &g : nullptr);
           },
           py::arg("name"), py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
-          py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none())
+          py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none(),
+          py::arg("allow_foreign") = false)
       .def_static("destroy", [](const std::string& name) { Mapping::destroy(name); })
       .def_static("path_for", [](const std::string& name) {
         return Mapping::backend_for(name) == Backend::kShm ? Mapping::shm_path(name) : name;

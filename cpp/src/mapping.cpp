@@ -1,6 +1,7 @@
 #include "pykvshm/mapping.h"
 
 #include <fcntl.h>
+#include <pwd.h>
 #include <linux/magic.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -46,6 +47,35 @@ bool has_pool_magic(int fd) {
 void check_placement(const MapOptions& opt) {
   if (opt.numa_node < -1) raise(ErrorCode::kPlacement, "NUMA node " + std::to_string(opt.numa_node) + " is not a node number");
   if (opt.numa_node >= 0) placement::check_node(opt.numa_node);
+}
+
+std::string user_text(uid_t uid) {
+  std::string s = "uid " + std::to_string(uid);
+  char buf[1024];
+  passwd pw{}, *found = nullptr;
+  if (getpwuid_r(uid, &pw, buf, sizeof buf, &found) == 0 && found) s += " (" + std::string(pw.pw_name) + ")";
+  return s;
+}
+
+// Attaching shares every KV block with whoever controls the file: refuse a file another
+// user made (a squatter who created the name first) or one others may write.
+void check_trusted(const std::string& name, const std::string& path, const struct stat& st, bool allow_group_write) {
+  const uid_t me = geteuid();
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", unsigned(st.st_mode & 07777));
+  const std::string anyway = "open it with allow_foreign=True (CLI: --allow-foreign)";
+  if (st.st_uid != me)
+    raise(ErrorCode::kUntrusted,
+          "pool '" + name + "' (" + path + ") is owned by " + user_text(st.st_uid) + ", not by this process's user (" +
+              user_text(me) + "); another local user may have created the name first to read or alter the KV "
+              "blocks of whoever attaches. If that user shares the pool with you on purpose, " + anyway +
+              "; otherwise have it removed (`pykvshm destroy --force " + name + "` as its owner or root) or use "
+              "another name");
+  if ((st.st_mode & 022) && !allow_group_write)
+    raise(ErrorCode::kUntrusted,
+          "pool '" + name + "' (" + path + ") is writable by " + ((st.st_mode & 002) ? "every local user" : "its group") +
+              " (mode " + mode + "), so others can alter its KV blocks. If the pool is shared on purpose, " + anyway +
+              "; otherwise `chmod go-w " + path + "` as its owner");
 }
 
 }  // namespace
@@ -220,6 +250,7 @@ Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
     m.huge_page_size_ = a.align;
     m.device_node_ = a.target_node;
   } else if (S_ISREG(st.st_mode)) {
+    if (!opt.allow_foreign) check_trusted(name, m.path_, st, opt.allow_group_write);
     m.file_size_ = static_cast<uint64_t>(st.st_size);
     m.owner_uid_ = st.st_uid;
     m.file_mode_ = st.st_mode & 07777;

@@ -251,7 +251,9 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
   std::string path = m.path();
   m.unmap();
   try {
-    return open(name, opt);
+    PoolOptions mine = opt;
+    mine.map.allow_group_write = true;  // the mode it was just asked to create (still refused: another owner)
+    return open(name, mine);
   } catch (...) {
     // E.g. a mode that does not let the creator itself open the file again: a pool
     // nobody created successfully must not stay behind under the name.

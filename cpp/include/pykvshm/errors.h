@@ -29,6 +29,7 @@ enum class ErrorCode {
   kTimeout,         // TransferTimeoutError: a transfer wait ran out of time
   kAborted,         // TransferAbortedError: the transfer was aborted (by a side, or its producer died)
   kGone,            // TransferGoneError: no such transfer, or its channel was reused
+  kUntrusted,       // UntrustedPoolError: owned by another user, or writable by group/others
 };
 
 class Error : public std::runtime_error {
@@ -66,6 +67,7 @@ inline const char* error_class_name(ErrorCode c) noexcept {
     case ErrorCode::kTimeout: return "TransferTimeoutError";
     case ErrorCode::kAborted: return "TransferAbortedError";
     case ErrorCode::kGone: return "TransferGoneError";
+    case ErrorCode::kUntrusted: return "UntrustedPoolError";
   }
   return "PoolError";
 }

@@ -16,6 +16,10 @@ struct MapOptions {
   int numa_node = -1;      // mbind(MPOL_BIND) the mapping to this node (CXL memory is a CPU-less node);
                            // for device DAX: the device's memory must be on this node
   uint32_t mode = 0600;    // permission bits of a created file
+  // open(): attach even to a file owned by another user or writable by group/others
+  // (a pool shared between users on purpose).  Otherwise either is kUntrusted.
+  bool allow_foreign = false;
+  bool allow_group_write = false;  // the creator's own open of the pool it just made with such a mode
 };
 
 class Mapping {
