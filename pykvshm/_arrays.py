@@ -22,8 +22,11 @@ def is_cuda(x: Any) -> bool:
 
 def check_blocks(x: Any, spec: KVSpec, n: int, what: str, *, per_block: tuple[int, ...] | None = None) -> None:
     """Raise unless ``x`` has shape (n, *per_block) and the spec's dtype."""
-    shape = tuple(x.shape)
     want = (n, *(per_block if per_block is not None else spec.block_shape))
+    if not (isinstance(x, np.ndarray) or is_torch(x)):
+        raise TypeError(f"{what} must be a numpy array or a torch tensor of shape {want} and dtype {spec.dtype}, "
+                        f"got {type(x).__name__}")
+    shape = tuple(x.shape)
     if shape != want:
         raise ShapeMismatchError(f"{what} has shape {shape}, expected {want} for {spec}")
     if is_torch(x):

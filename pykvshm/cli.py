@@ -117,10 +117,17 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-# info, stat and check attach read-only (Pool.open(read_only=True)): they take no member slot,
-# change nothing, and work for a user who may only read the pool file.
+def _open(args: argparse.Namespace, read_only: bool = False) -> Pool:
+    # info, stat and check attach read-only (Pool.open(read_only=True)): they take no member slot,
+    # change nothing, and work for a user who may only read the pool file (a monitor writes
+    # nothing, so the ownership check that --allow-foreign lifts does not apply to it).
+    if read_only:
+        return Pool.open(args.name, read_only=True)
+    return Pool.open(args.name, allow_foreign=args.allow_foreign)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    with Pool.open(args.name, read_only=True) as pool:
+    with _open(args, read_only=True) as pool:
         _out(args, _info_dict(pool), _human_info)
     return 0
 
@@ -128,7 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_stat(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    with Pool.open(args.name, read_only=True) as pool:
+    with _open(args, read_only=True) as pool:
         if not args.watch:
             _out(args, pool.stats(), _human_stat)
             return 0
@@ -145,7 +152,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    with Pool.open(args.name) as pool:
+    with _open(args) as pool:
         # Attaching already recovers; run it once more and report the total work done.
         before = pool.stats()["recovered_members"]
         r = pool.recover()
@@ -158,46 +165,64 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with Pool.open(args.name, read_only=True) as pool:
-        pool.check(strict=not args.live)
-        _out(args, {"ok": True, "strict": not args.live}, lambda d: "pool is consistent")
+    with _open(args, read_only=True) as pool:
+        if args.checksums and not pool.checksums:
+            raise PoolError(f"pool '{args.name}' was created without block checksums; --checksums has nothing to verify")
+        pool.check(strict=not args.live, checksums=args.checksums)
+        _out(args, {"ok": True, "strict": not args.live, "checksums": args.checksums},
+             lambda d: "pool is consistent" + (" and every sealed block matches its checksum" if d["checksums"] else ""))
     return 0
 
 
 _MAGIC = b"PYKVSHM\0"
 
 
+_FILE_KINDS = [(_stat.S_ISDIR, "a directory"), (_stat.S_ISFIFO, "a FIFO"), (_stat.S_ISSOCK, "a socket"),
+               (_stat.S_ISBLK, "a block device"), (_stat.S_ISCHR, "a character device")]
+
+
 def _refuse_foreign_file(name: str) -> None:
-    """Raise unless ``name`` holds a pykvshm pool, or an unfinished one (empty, or zeroed at the start).
+    """Raise unless ``name`` is a regular file carrying a pykvshm pool's magic (or a device-DAX device,
+    which ``Pool.destroy`` checks itself and leaves untouched when it holds no pool).
 
     ``Pool.destroy`` removes whatever file the name points at; from the command line a mistyped
-    path must not cost the user a file that was never a pool.
+    path must not cost the user a file that was never a pool.  Nothing is opened before ``lstat``
+    says it is a regular file, and then without blocking: a FIFO must not hang the command.
     """
     path = Pool.path_for(name)  # InvalidNameError for a bad name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        st = os.lstat(path)
     except FileNotFoundError:
         return  # Pool.destroy reports it as PoolNotFoundError
     except OSError:
-        return  # e.g. unreadable, a symlink: Pool.destroy gives the precise reason
+        return  # e.g. a directory we cannot search: Pool.destroy gives the precise reason
+    if _stat.S_ISLNK(st.st_mode):
+        return  # Pool.destroy refuses symlinks itself (O_NOFOLLOW) and removes nothing
+    if _stat.S_ISCHR(st.st_mode) and os.path.basename(path).startswith("dax"):
+        return  # device DAX: Pool.destroy wipes it only when it holds a pool
+    refuse = f"{path} is not a pykvshm pool"
+    force = "not removing it (--force removes it anyway)"
+    if not _stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise CorruptPoolError(f"{refuse}: it is {kind}; {force}")
     try:
-        st = os.fstat(fd)
-        if _stat.S_ISCHR(st.st_mode):
-            import mmap
-
-            try:  # device DAX has no read(2); map its first 2 MiB (its alignment)
-                with mmap.mmap(fd, 2 << 20, prot=mmap.PROT_READ) as m:
-                    head = m[: len(_MAGIC)]
-            except (OSError, ValueError):
-                return
-        else:
-            head = os.pread(fd, len(_MAGIC), 0)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise CorruptPoolError(f"{refuse}: cannot read its start to check ({e.strerror}); {force}") from None
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not _stat.S_ISREG(now.st_mode):
+            raise CorruptPoolError(f"{path} was replaced while it was being checked; {force}")
+        head = os.pread(fd, len(_MAGIC), 0)
     finally:
         os.close(fd)
-    if head == _MAGIC or not head.strip(b"\0"):
+    if head == _MAGIC:
         return
-    raise CorruptPoolError(f"{path} is not a pykvshm pool (no pykvshm magic at its start); not removing it "
-                           f"(--force removes it anyway)")
+    if not head.strip(b"\0"):
+        what = "it is empty" if not head else "its first bytes are zero"
+        raise CorruptPoolError(f"{refuse}: {what} (so is a pool whose creation was interrupted, and so are many "
+                               f"other files); {force}")
+    raise CorruptPoolError(f"{refuse} (no pykvshm magic at its start); {force}")
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
@@ -290,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(fn=fn)
+        if fn in (cmd_info, cmd_stat, cmd_recover, cmd_check):
+            p.add_argument("--allow-foreign", action="store_true",
+                           help="attach even to a pool owned by another user or writable by group/others")
         return p
 
     p = add("create", cmd_create, "create a pool")
@@ -318,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "verify the pool's invariants (read-only: after a crash, `recover` first)")
     p.add_argument("name")
     p.add_argument("--live", action="store_true", help="only the checks that hold while other processes work")
+    p.add_argument("--checksums", action="store_true",
+                   help="also verify every sealed block against its checksum (a pool created with checksums)")
     p = add("destroy", cmd_destroy, "remove a pool")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="remove the file even if it does not look like a pykvshm pool")

@@ -29,6 +29,7 @@ __all__ = [
     "DTypeMismatchError",
     "ViewsAliveError",
     "ReadOnlyPoolError",
+    "UntrustedPoolError",
 ]
 
 
@@ -134,3 +135,6 @@ class ViewsAliveError(PoolError):
 
 class ReadOnlyPoolError(PoolError, PermissionError):
     """A change was asked of a read-only pool handle (``Pool.open(name, read_only=True)``)."""
+class UntrustedPoolError(PoolError, PermissionError):
+    """The pool file is owned by another user, or writable by its group or by others: whoever made it
+    can read or alter every KV block.  ``Pool.open(..., allow_foreign=True)`` attaches anyway."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid as _uuid
 import weakref
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,7 @@ from .errors import (
     GeometryMismatchError,
     PlacementError,
     PoolClosedError,
+    PoolFullError,
     PoolNotFoundError,
     ReadOnlyPoolError,
     ShapeMismatchError,
@@ -125,6 +127,45 @@ def dax_devices() -> list[dict[str, Any]]:
     return out
 
 
+_MAX_CAPACITY = 1 << 62  # bytes; far beyond any machine, and no size arithmetic can overflow below it
+
+
+def _int_option(name: str, value: Any, lo: int, hi: int, what: str) -> int:
+    """``value`` as an int in [lo, hi], or a ValueError that says what is expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def _mode_option(mode: Any) -> int:
+    m = _int_option("mode", mode, 0, (1 << 32) - 1, "permission bits between 0 and 0o777, such as 0o600")
+    if m & ~0o777:
+        raise ValueError(f"mode {oct(m)} has bits beyond the permission bits (setuid, setgid or sticky, or more); "
+                         f"a pool file takes permission bits only, such as 0o600 or 0o660")
+    return m
+
+
+def _lease_option(lease: Any) -> float:
+    try:
+        v = float(lease)
+    except (TypeError, ValueError):
+        raise ValueError(f"lease must be a number of seconds, got {type(lease).__name__} {lease!r}") from None
+    if not 0 < v < 1e9:  # also refuses nan and inf
+        raise ValueError(f"lease must be a positive, finite number of seconds, got {lease!r}")
+    return v
+
+
+def _placement_options(numa_node: Any, host_id: Any) -> tuple[int, int]:
+    node = -1 if numa_node is None else _int_option("numa_node", numa_node, 0, (1 << 31) - 1,
+                                                     "a non-negative int (a NUMA node number) or None")
+    host = 0 if host_id is None else _int_option("host_id", host_id, 0, (1 << 64) - 1,
+                                                  "an int between 0 and 2**64-1 (0 or None: this host's own id)")
+    return node, host
+
+
 def _block_array(buf: Any, spec: KVSpec) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8).view(spec.np_dtype).reshape(spec.block_shape)
 
@@ -194,15 +235,17 @@ class Pool:
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
         if coherence not in _COHERENCE:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
-        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
-            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
+        node, host = _placement_options(numa_node, host_id)
+        cap = parse_size(capacity)
+        if cap > _MAX_CAPACITY:
+            raise ValueError(f"capacity {cap} bytes is larger than a pool can be (at most 2**62 bytes)")
+
         def make(huge: bool) -> Any:
             return _core.Pool.create(
                 str(name), spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens, spec.dtype_code,
-                spec.itemsize, parse_size(capacity), mode=int(mode), prefault=bool(prefault),
-                huge_pages=huge, numa_node=-1 if numa_node is None else int(numa_node),
-                coherence=_COHERENCE[coherence], checksums=bool(checksums), host_id=int(host_id or 0),
-                lease_s=float(lease), **_engine_options(copy_threads, copy_kernel),
+                spec.itemsize, cap, mode=_mode_option(mode), prefault=bool(prefault),
+                huge_pages=huge, numa_node=node, coherence=_COHERENCE[coherence], checksums=bool(checksums),
+                host_id=host, lease_s=_lease_option(lease), **_engine_options(copy_threads, copy_kernel),
             )
 
         core, refusal = _with_huge_pages(huge_pages, make)
@@ -225,12 +268,19 @@ class Pool:
         copy_threads: int = 1,
         copy_kernel: str = "auto",
         read_only: bool = False,
+        allow_foreign: bool = False,
     ) -> "Pool":
         """Attach to an existing pool.  With ``spec``, refuse a pool of another geometry.
 
+        A pool file owned by another user, or writable by its group or by others, raises
+        :class:`~pykvshm.errors.UntrustedPoolError` (whoever controls the file can read and
+        alter every KV block: another local user may have created the name first);
+        ``allow_foreign=True`` attaches anyway, for a pool shared between users on purpose.
+
         ``read_only=True`` opens a monitor: the pool is validated like any attach, then
         mapped read-only from a read-only file descriptor, and no member slot is taken, so
-        a user with read permission on the pool file can watch it.  :meth:`stats`,
+        a user with read permission on the pool file can watch it (the ownership check does
+        not apply: a monitor writes nothing).  :meth:`stats`,
         :meth:`members`, :meth:`check` and the description work; every call that would
         change the pool raises :class:`~pykvshm.errors.ReadOnlyPoolError`.  It takes no
         placement options.  On a ``noncoherent`` pool a monitor cannot take the pool lock:
@@ -251,19 +301,18 @@ class Pool:
             name = str(_core.dax_find_pool(want.bytes))
         expect = None if spec is None else (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_tokens,
                                              spec.dtype_code, spec.itemsize)
-        if numa_node is not None and (not isinstance(numa_node, int) or isinstance(numa_node, bool) or numa_node < 0):
-            raise ValueError(f"numa_node must be a non-negative int or None, got {numa_node!r}")
+        node, host = _placement_options(numa_node, host_id)
         refusal: str | None = None
         if read_only:
             if prefault or huge_pages or numa_node is not None:
                 raise ValueError("a read-only attach takes no placement options (prefault, huge_pages, numa_node)")
-            core = _core.Pool.open_read_only(str(name), host_id=int(host_id or 0), lease_s=float(lease), expect=expect)
+            core = _core.Pool.open_read_only(str(name), host_id=host, lease_s=_lease_option(lease), expect=expect)
         else:
             def attach(huge: bool) -> Any:
                 return _core.Pool.open(
-                    str(name), prefault=bool(prefault), huge_pages=huge,
-                    numa_node=-1 if numa_node is None else int(numa_node), host_id=int(host_id or 0),
-                    lease_s=float(lease), expect=expect, **_engine_options(copy_threads, copy_kernel),
+                    str(name), prefault=bool(prefault), huge_pages=huge, numa_node=node, host_id=host,
+                    lease_s=_lease_option(lease), expect=expect, **_engine_options(copy_threads, copy_kernel),
+                    allow_foreign=bool(allow_foreign),
                 )
 
             core, refusal = _with_huge_pages(huge_pages, attach)
@@ -292,14 +341,16 @@ class Pool:
         existing pool of another geometry raises ``GeometryMismatchError``.
         ``options`` are :meth:`create`'s keyword arguments (``prefault``,
         ``huge_pages``, ``numa_node``, ``coherence``, ...); the ones :meth:`open`
-        also takes apply when attaching.
+        also takes apply when attaching, and ``allow_foreign`` only there.
         """
         import time
 
-        from .errors import CorruptPoolError, PoolExistsError, PoolInitializingError, PoolNotFoundError
+        from .errors import PoolExistsError, PoolInitializingError, PoolNotFoundError
 
         open_opts = {k: v for k, v in options.items()
-                     if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease", "copy_threads", "copy_kernel")}
+                     if k in ("prefault", "huge_pages", "numa_node", "host_id", "lease", "copy_threads", "copy_kernel",
+                              "allow_foreign")}
+        options.pop("allow_foreign", None)  # attaching only: a pool this call creates is its caller's own
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -309,10 +360,10 @@ class Pool:
                     return cls.create(name, spec, capacity, **options)
                 except PoolExistsError:
                     pass  # another process won the race; attach to its pool
-            except (PoolInitializingError, CorruptPoolError) as e:
-                # A creator's file is empty or short until it has been sized and
-                # initialised: retry while it is young, otherwise the file is damaged.
-                if not _recently_created(cls.path_for(name)) or time.monotonic() > deadline:
+            except PoolInitializingError as e:
+                # A creator is still at work on it (the core sees the creator's lock on the
+                # file; a file left unfinished by a dead creator is CorruptPoolError at once).
+                if time.monotonic() > deadline:
                     raise e
             if time.monotonic() > deadline:
                 raise PoolInitializingError(f"pool '{name}' did not become ready within {timeout} s")
@@ -334,13 +385,19 @@ class Pool:
         Raises :class:`ViewsAliveError` while zero-copy views of this handle exist
         (they would point at unmapped memory).
         """
-        if self._core.closed:
+        core = self._core
+        if core.closed:
             return
+        # Refuse new calls first (other threads' calls now raise PoolClosedError), so that no
+        # view can appear between the check below and the unmap; core.close() waits for the
+        # calls in flight (which run without the GIL) before it unmaps.
+        core.shut_calls()
         if any(t.alive() for t in self._block_views.values()) or any(c._views.alive() for c in list(self._children)):
+            core.reopen_calls()
             raise ViewsAliveError("zero-copy views of this pool are still alive; delete them before close()")
         for child in list(self._children):
             child._closed_by_pool()
-        self._core.close()
+        core.close()
 
     def __enter__(self) -> "Pool":
         return self
@@ -451,10 +508,11 @@ class Pool:
         Evicts sealed, unpinned blocks when no block is free (unless ``evict=False``);
         raises :class:`~pykvshm.errors.PoolFullError` when even that cannot make room.
         """
-        n = int(n)
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        return self._writable("alloc").alloc(n, bool(evict))
+        n = _int_option("n", n, 0, 1 << 64, "a number of blocks (an int >= 0)")
+        core = self._writable("alloc")
+        if n > self.num_blocks:
+            raise PoolFullError(f"asked for {n} blocks but the pool has only {self.num_blocks}")
+        return core.alloc(n, bool(evict))
 
     def free(self, handles: Iterable[int] | np.ndarray) -> None:
         """Free blocks this handle allocated (and has not sealed)."""
@@ -525,13 +583,17 @@ class Pool:
         """Block accounting (total, free, writing, sealed, evicting, pinned), members and counters."""
         return dict(self._live().stats())
 
-    def check(self, strict: bool = True) -> None:
+    def check(self, strict: bool = True, *, checksums: bool = False) -> None:
         """Verify the pool's invariants; raises CorruptPoolError on the first violation.
 
         ``strict`` checks exact accounting and must be called when no operation is
         in flight in any process; ``strict=False`` checks only what holds at all times.
+        ``checksums`` (a pool created with ``checksums=True``) also reads every sealed
+        block and compares it with its stored CRC32C, naming the blocks that fail.
         """
-        self._live().check(bool(strict))
+        if checksums and not self.checksums:
+            raise ValueError("check(checksums=True): the pool was created without block checksums (checksums=True)")
+        self._live().check(bool(strict), bool(checksums))
 
     def recover(self) -> dict[str, int]:
         """Reclaim what dead members held (blocks being written, pins, member slots)."""
@@ -556,6 +618,7 @@ class Lease:
         self._released = False
         self._views = _ViewTracker()
         self._pending: list[CopyFuture] = []
+        self._lock = threading.Lock()  # makes release's check-and-set atomic across threads
 
     def __len__(self) -> int:
         return 0 if self._released else len(self._handles)
@@ -645,19 +708,24 @@ class Lease:
             f.wait()
 
     def release(self) -> None:
-        """Drop the pins (after waiting for this lease's asynchronous copies).  Idempotent."""
-        if self._released:
-            return
-        for f in list(self._pending):
-            try:
-                f.wait()
-            except Exception:
-                pass
-        if self._views.alive():
-            raise ViewsAliveError("views of this lease are still alive; delete them before release()")
-        self._released = True
+        """Drop the pins (after waiting for this lease's asynchronous copies).  Idempotent, also when
+        several threads release the lease at once (exactly one of them drops the pins)."""
+        with self._lock:
+            if self._released:
+                return
+            for f in list(self._pending):
+                try:
+                    f.wait()
+                except Exception:
+                    pass
+            if self._views.alive():
+                raise ViewsAliveError("views of this lease are still alive; delete them before release()")
+            self._released = True
         if len(self._handles) and not self._pool._core.closed:
-            self._pool._core.release(self._handles)
+            try:
+                self._pool._core.release(self._handles)
+            except PoolClosedError:
+                pass  # closed meanwhile by another thread: closing dropped every pin
 
     def _closed_by_pool(self) -> None:
         self._released = True
@@ -810,25 +878,41 @@ class Writer:
         _torch.copy_device_to_blocks(data, bufs, rows if rows is not None else [int(p) for p in self._positions])
         del bufs, anchor
 
+    def _block_views_alive(self) -> bool:
+        """Whether ``pool.block_view(h)`` views of this writer's blocks are alive (they are writable)."""
+        views = self._pool._block_views
+        return any((t := views.get(int(h))) is not None and t.alive() for h in self._handles)
+
+    def _forget_block_views(self) -> None:
+        for h in self._handles:
+            self._pool._block_views.pop(int(h), None)
+
     def commit(self) -> None:
         """Seal the blocks and make them visible in the index."""
         core = self._check()
-        if self._views.alive():
-            raise ViewsAliveError("writable views of this writer are still alive; delete them before commit()")
+        if self._views.alive() or self._block_views_alive():
+            raise ViewsAliveError("writable views of this writer's blocks are still alive (views() or "
+                                  "pool.block_view()); delete them before commit(): a sealed block is immutable")
         self._wait_pending(raise_errors=True)
         core.commit(self._handles)
         self._done = True
+        self._forget_block_views()
 
     def abort(self) -> None:
         """Free the reserved blocks and withdraw their keys.  Idempotent."""
         if self._done:
             return
-        if self._views.alive():
-            raise ViewsAliveError("writable views of this writer are still alive; delete them before abort()")
+        if self._views.alive() or self._block_views_alive():
+            raise ViewsAliveError("writable views of this writer's blocks are still alive (views() or "
+                                  "pool.block_view()); delete them before abort()")
         self._wait_pending(raise_errors=False)
         self._done = True
         if not self._pool._core.closed:
-            self._pool._core.abort(self._handles)
+            try:
+                self._pool._core.abort(self._handles)
+            except PoolClosedError:
+                pass  # closed meanwhile by another thread: closing aborted every write
+        self._forget_block_views()
 
     def _closed_by_pool(self) -> None:
         self._done = True
@@ -854,13 +938,3 @@ class Writer:
     def __repr__(self) -> str:
         return f"<pykvshm.Writer {len(self)} blocks{' done' if self._done else ''}>"
 
-
-def _recently_created(path: str, within: float = 10.0) -> bool:
-    """True when ``path`` changed in the last ``within`` seconds (a creator is still at work)."""
-    import time
-
-    try:
-        st = os.stat(path)
-    except OSError:
-        return True  # gone again: the creator failed and removed it, or it is being replaced
-    return time.time() - max(st.st_mtime, st.st_ctime) < within

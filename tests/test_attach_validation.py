@@ -174,17 +174,83 @@ def test_newer_layout_version_is_refused(pool_file: str) -> None:
     assert_rejected(pool_file, E.LayoutMismatchError, "layout version 2", "layout version 1", "recreate")
 
 
+class _CreatorAtWork:
+    """Holds the exclusive flock a creating process holds on a pool file until it has published the
+    layout version (Mapping::create)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> "_CreatorAtWork":
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 def test_version_zero_means_initialising(pool_file: str) -> None:
     patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, 0))
-    assert_rejected(pool_file, E.PoolInitializingError, "initialised", "retry")
+    with _CreatorAtWork(pool_file):
+        assert_rejected(pool_file, E.PoolInitializingError, "still being created", "retry")
+    # Nobody at work on it any more: its creator died before publishing the version.
+    assert_rejected(pool_file, E.CorruptPoolError, "no layout version", "no process is creating it", "--force")
 
 
 def test_initialising_pool_opens_once_published(pool_file: str, spec: pykvshm.KVSpec) -> None:
     patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, 0))
-    with pytest.raises(E.PoolInitializingError):
-        pykvshm.Pool.open(pool_file)
-    patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, 1))
+    with _CreatorAtWork(pool_file):
+        with pytest.raises(E.PoolInitializingError):
+            pykvshm.Pool.open(pool_file)
+        patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, 1))
     pykvshm.Pool.open(pool_file, spec=spec).close()
+
+
+@pytest.mark.parametrize("content", ["empty", "zeros"])
+def test_a_file_being_created_is_initialising_not_corrupt(pool_path: str, content: str) -> None:
+    """A creator's file is empty, then zero, until its superblock is written: open() used to call it
+    "truncated" or "bad magic"; an unfinished file nobody is creating any more is CorruptPoolError
+    saying what to do, at once (open_or_create used to wait 10 s for it)."""
+    with open(pool_path, "wb") as f:
+        f.truncate(0 if content == "empty" else 3 << 20)
+    with _CreatorAtWork(pool_path):
+        assert_rejected(pool_path, E.PoolInitializingError, "still being created")
+    what = "is empty" if content == "empty" else "only zeros"
+    assert_rejected(pool_path, E.CorruptPoolError, what, "no process is creating it", "destroy --force")
+    import time
+
+    spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+    t0 = time.monotonic()
+    with pytest.raises(E.CorruptPoolError):
+        pykvshm.Pool.open_or_create(pool_path, spec, CAPACITY)
+    assert time.monotonic() - t0 < 5
+
+
+def test_open_while_another_process_creates_sees_only_initialising(pool_name: str) -> None:
+    """Poll open() while a child creates a 64 MiB pool: every failure is PoolNotFoundError or
+    PoolInitializingError, never CorruptPoolError ("truncated", "bad magic")."""
+    seen: dict[str, int] = {}
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import pykvshm
+            spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+            pykvshm.Pool.create({pool_name!r}, spec=spec, capacity="64MiB").close()
+            """)])
+        try:
+            while True:
+                try:
+                    pykvshm.Pool.open(pool_name).close()
+                    break
+                except (E.PoolNotFoundError, E.PoolInitializingError) as e:
+                    seen[type(e).__name__] = seen.get(type(e).__name__, 0) + 1
+                    assert child.poll() in (None, 0), "the creator failed"
+        finally:
+            assert child.wait(60) == 0
+        pykvshm.Pool.destroy(pool_name)
+    assert seen.get("PoolNotFoundError", 0) > 0
 
 
 # ---- (e) checksum ----
@@ -461,6 +527,42 @@ def test_capacity_too_small_for_one_huge_block(pool_name: str) -> None:
     assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
 
 
+@pytest.mark.parametrize("capacity", [2**64, 2**64 - 1, 2**63, "20000000TiB"])
+def test_capacity_beyond_any_pool_is_a_clear_value_error(pool_name: str, spec: pykvshm.KVSpec, capacity) -> None:
+    """2**64 used to print pybind11's signature dump (a TypeError), and 2**64-1 wrapped around in the
+    size rounding and said "too small"."""
+    with pytest.raises(ValueError, match=r"larger than a pool can be") as info:
+        pykvshm.Pool.create(pool_name, spec=spec, capacity=capacity)
+    assert "incompatible function arguments" not in str(info.value) and "too small" not in str(info.value)
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
+    with pytest.raises(E.PoolError, match="larger than a pool can be"):  # the core's own guard
+        _core.Pool.create(pool_name, 2, 2, 8, 4, 1, 2, 2**64 - 1)
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("mode", -1, "permission bits between 0 and 0o777"),
+    ("mode", 2**40, "permission bits between 0 and 0o777"),
+    ("mode", "600", "permission bits"),
+    ("host_id", -1, r"host_id must be an int between 0 and 2\*\*64-1"),
+    ("host_id", 2**64, "host_id must be"),
+    ("numa_node", 2**40, "numa_node must be a non-negative int"),
+    ("lease", float("inf"), "lease must be a positive, finite number"),
+    ("lease", float("nan"), "lease must be a positive, finite number"),
+    ("lease", -1, "lease must be a positive, finite number"),
+])
+def test_out_of_range_options_are_clear_value_errors(pool_name: str, spec: pykvshm.KVSpec, option: str, value,
+                                                      needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY, **{option: value})
+    assert "incompatible function arguments" not in str(info.value)
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
+    if option != "mode":
+        pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY).close()
+        with pytest.raises(ValueError, match=needle):
+            pykvshm.Pool.open(pool_name, **{option: value})
+
+
 # ---- file mode ----
 
 def _mode(path: str) -> int:
@@ -472,6 +574,17 @@ def test_default_mode_is_0600(pool_path: str, pool_name: str, spec: pykvshm.KVSp
     pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY).close()
     assert _mode(pool_path) == 0o600
     assert _mode(pykvshm.Pool.path_for(pool_name)) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o4600, 0o2660, 0o1600, 0o7777])
+def test_setuid_setgid_and_sticky_bits_are_refused(pool_name: str, spec: pykvshm.KVSpec, mode: int) -> None:
+    """They used to be accepted (and fchmod'ed onto the pool file)."""
+    with pytest.raises(ValueError, match="beyond the permission bits"):
+        pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY, mode=mode)
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
+    with pytest.raises(ValueError, match="no setuid, setgid or sticky bit"):  # the core refuses them too
+        _core.Pool.create(pool_name, 2, 2, 8, 4, 1, 2, 1 << 22, mode=mode)
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o660, 0o400])
@@ -545,3 +658,66 @@ def test_second_pool_on_a_full_filesystem_fails_cleanly(tiny_tmpfs: Path) -> Non
     assert r.returncode == 3, f"rc={r.returncode} stdout={r.stdout!r} stderr={r.stderr!r}"
     assert not (tiny_tmpfs / "second.kv").exists()
     assert (tiny_tmpfs / "first.kv").exists()
+
+
+# ---- ownership: a pool another user made, or others may write ----
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (chown, setuid)")
+
+
+@needs_root
+def test_a_pool_owned_by_another_user_is_refused(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """Another local user can create the pool's name first; open / open_or_create used to attach to
+    it without any check, so each side read (and could rewrite) the other's blocks."""
+    squat = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, pykvshm
+        os.setgid({NOBODY}); os.setuid({NOBODY})
+        spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+        pykvshm.Pool.create({pool_name!r}, spec=spec, capacity="4MiB", mode=0o666).close()
+        """)], capture_output=True, text=True, timeout=60)
+    assert squat.returncode == 0, squat.stderr
+    path = pykvshm.Pool.path_for(pool_name)
+    assert os.stat(path).st_uid == NOBODY
+    before = file_hash(path)
+    for attach in (lambda: pykvshm.Pool.open(pool_name, spec=spec),
+                   lambda: pykvshm.Pool.open_or_create(pool_name, spec, "4MiB")):
+        with pytest.raises(E.UntrustedPoolError, match=rf"owned by uid {NOBODY}.*not by this process's user "
+                                                       rf"\(uid 0.*allow_foreign=True") as info:
+            attach()
+        assert isinstance(info.value, PermissionError) and "destroy --force" in str(info.value)
+    assert file_hash(path) == before  # refused before anything was mapped or any member slot taken
+    with pykvshm.Pool.open(pool_name, spec=spec, allow_foreign=True) as pool:  # shared on purpose
+        assert pool.num_blocks > 0
+
+
+@needs_root
+def test_an_empty_squat_file_is_refused_at_once_naming_its_owner(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """An empty file under the name used to block open_or_create for 10 s and end in CorruptPoolError."""
+    import time
+
+    path = pykvshm.Pool.path_for(pool_name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+    os.fchown(fd, NOBODY, NOBODY)
+    os.fchmod(fd, 0o666)
+    os.close(fd)
+    t0 = time.monotonic()
+    with pytest.raises(E.UntrustedPoolError, match=rf"owned by uid {NOBODY}"):
+        pykvshm.Pool.open_or_create(pool_name, spec, "4MiB")
+    assert time.monotonic() - t0 < 2
+    r = subprocess.run([sys.executable, "-m", "pykvshm", "info", pool_name], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "UntrustedPoolError" in r.stderr and f"owned by uid {NOBODY}" in r.stderr
+
+
+@pytest.mark.parametrize("mode, who", [(0o666, "every local user"), (0o620, "its group"), (0o602, "every local user")])
+def test_a_pool_others_may_write_is_refused(pool_name: str, spec: pykvshm.KVSpec, mode: int, who: str) -> None:
+    pykvshm.Pool.create(pool_name, spec=spec, capacity=CAPACITY, mode=mode).close()  # the creator may ask for it
+    path = pykvshm.Pool.path_for(pool_name)
+    with pytest.raises(E.UntrustedPoolError, match=rf"writable by {who} \(mode 0{mode:o}\).*allow_foreign=True.*chmod go-w"):
+        pykvshm.Pool.open(pool_name)
+    pykvshm.Pool.open(pool_name, allow_foreign=True).close()
+    r = subprocess.run([sys.executable, "-m", "pykvshm", "check", pool_name, "--allow-foreign", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    os.chmod(path, 0o640)
+    pykvshm.Pool.open(pool_name).close()

@@ -84,7 +84,7 @@ def test_every_pool_subcommand_with_json(pool_name: str) -> None:
     assert r.returncode == 0 and "hit rate n/a" in r.stdout
 
     r = cli("check", pool_name, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "strict": True}
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "strict": True, "checksums": False}
     r = cli("check", pool_name, "--live")
     assert r.returncode == 0 and "consistent" in r.stdout
     r = cli("recover", pool_name, "--json")
@@ -173,6 +173,53 @@ def test_destroy_refuses_a_file_that_is_no_pool(random_file: Path) -> None:
     assert random_file.read_bytes() == before
     r = cli("destroy", str(random_file), "--force")
     assert r.returncode == 0 and not random_file.exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "sparse", "ext4-like"])
+def test_destroy_refuses_a_file_without_the_magic(tmp_path: Path, kind: str) -> None:
+    """Only a file carrying the pool's magic is removed without --force: an empty file, a sparse one
+    and a filesystem image (zero boot sector, data after it) used to pass the "first 8 bytes are
+    zero" check and be deleted."""
+    f = tmp_path / f"{kind}.img"
+    if kind == "empty":
+        f.touch()
+    elif kind == "sparse":
+        with open(f, "wb") as fh:
+            fh.truncate(1 << 20)
+    else:
+        f.write_bytes(b"\0" * 1024 + b"\x53\xef" + os.urandom(4096))  # ext4's superblock sits at 1024
+    before = f.read_bytes()
+    what = "it is empty" if kind == "empty" else "its first bytes are zero"
+    assert_error(cli("destroy", str(f)), "destroy", what)
+    assert f.read_bytes() == before
+    r = cli("destroy", str(f), "--force")
+    assert r.returncode == 0 and not f.exists()
+
+
+def test_destroy_refuses_a_fifo_without_opening_it(tmp_path: Path) -> None:
+    """Checking a FIFO for the magic used to open it for reading, which blocks until a writer comes:
+    the command hung forever.  Now it is refused from lstat alone."""
+    f = tmp_path / "fifo"
+    os.mkfifo(f)
+    assert_error(cli("destroy", str(f), timeout=30), "destroy", "it is a FIFO")
+    assert f.exists()
+    r = cli("destroy", str(f), "--force", timeout=30)
+    assert r.returncode == 0 and not f.exists(), r.stderr
+
+
+def test_destroy_refuses_sockets_and_devices(tmp_path: Path) -> None:
+    import socket
+
+    sock_path = tmp_path / "sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        assert_error(cli("destroy", str(sock_path), timeout=30), "destroy", "it is a socket")
+    assert sock_path.exists()
+    assert_error(cli("destroy", "/dev/null", timeout=30), "destroy", "it is a character device")
+    assert os.path.exists("/dev/null")
+    d = tmp_path / "dir"
+    d.mkdir()
+    assert_error(cli("destroy", str(d), timeout=30), "destroy", "it is a directory")
 
 
 def test_destroy_removes_a_truncated_pool(truncated_pool: Path) -> None:

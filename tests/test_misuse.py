@@ -146,6 +146,88 @@ def test_release_twice_is_idempotent(pool: pykvshm.Pool, published) -> None:
     assert_quiescent_ok(pool)
 
 
+class _SlowTracker:
+    """A view tracker that yields to other threads while it is asked whether views are alive: it widens
+    the window between release()'s "already released?" check and its setting of the flag, so a race
+    that happened in 7 of 20,000 trials happens in every one without the fix."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def alive(self) -> bool:
+        import time
+
+        time.sleep(0.002)
+        return self.inner.alive()  # type: ignore[attr-defined]
+
+    def anchor(self, owner: object) -> object:
+        return self.inner.anchor(owner)  # type: ignore[attr-defined]
+
+
+def test_release_from_two_threads_drops_the_pins_once(pool: pykvshm.Pool, published) -> None:
+    """Two threads releasing the same lease used to both drop its pins, the second drop taking the pin
+    of another lease of the same handle on the same blocks (whose views then pointed at evictable
+    blocks)."""
+    import threading
+
+    keys, _ = published
+    for _ in range(20):
+        a = pool.acquire(keys)
+        b = pool.acquire(keys)
+        a._views = _SlowTracker(a._views)  # type: ignore[assignment]
+        go = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def release() -> None:
+            go.wait()
+            try:
+                a.release()
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=release) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and a.released
+        assert pool.stats()["pinned"] == 4, "the other lease lost its pins"
+        b.release()  # still holds its own pins: no error
+        assert pool.stats()["pinned"] == 0
+    assert_quiescent_ok(pool)
+
+
+def test_commit_and_abort_from_two_threads_do_exactly_one(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
+    import threading
+
+    for i in range(10):
+        keys = make_keys(2, salt=b"race-%d" % i)
+        w = pool.writer(keys)
+        w._views = _SlowTracker(w._views)  # type: ignore[assignment]
+        go = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def run(op: str) -> None:
+            go.wait()
+            try:
+                getattr(w, op)()
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(op,)) for op in ("commit", "abort")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert w.done
+        # Either the commit won (the keys are in) or the abort did (they are not, and the
+        # late commit was refused cleanly by the core's state checks); never both, never a crash.
+        assert all(isinstance(e, E.InvalidHandleError) for e in errors), errors
+        assert pool.match(keys) in (0, 2)
+        assert pool.stats()["writing"] == 0
+    assert_quiescent_ok(pool)
+
+
 def test_views_work_while_the_lease_is_held(pool: pykvshm.Pool, spec: pykvshm.KVSpec, published) -> None:
     keys, data = published
     lease = pool.acquire(keys)
@@ -204,6 +286,50 @@ def test_writer_views_block_commit_and_abort(pool: pykvshm.Pool, spec: pykvshm.K
         w.commit()
     assert pool.match(make_keys(2)) == 0
     assert_quiescent_ok(pool)
+
+
+def test_a_block_view_of_a_writer_block_blocks_commit_and_abort(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
+    """A writable pool.block_view() of a Writer's block used to survive commit(): the sealed block,
+    which readers trust to be immutable, stayed writable through it."""
+    keys = make_keys(2, salt=b"bv")
+    w = pool.writer(keys)
+    v = pool.block_view(int(w.handles[1]))
+    v[...] = 7
+    for op in (w.commit, w.abort):
+        with pytest.raises(E.ViewsAliveError, match="pool.block_view"):
+            op()
+    assert not w.done
+    del v
+    w.commit()
+    assert pool.match(keys) == 2
+    with pytest.raises(E.InvalidHandleError):  # the sealed block gives no writable view any more
+        pool.block_view(int(w.handles[1]))
+    with pool.acquire(keys) as lease:
+        assert (lease.copy_to(np.empty((2, *spec.block_shape), spec.np_dtype))[1] == 7).all()
+    assert_quiescent_ok(pool)
+
+
+def test_a_failed_create_leaves_no_file(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """A creator that cannot open the file it just made (mode 0o400 for a user other than root) used to
+    leave it behind under the pool's name."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, pykvshm
+        os.setgid(65534); os.setuid(65534)  # nobody: the mode binds this user, unlike root
+        spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+        try:
+            pykvshm.Pool.create({pool_name!r}, spec=spec, capacity="4MiB", mode=0o400)
+        except pykvshm.errors.PoolError as e:
+            print("refused:", e)
+        """)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the creator as another user")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "refused:" in r.stdout and "Permission denied" in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(pykvshm.Pool.path_for(pool_name))
 
 
 def test_lease_of_another_handle_cannot_be_released_twice_by_hand(pool: pykvshm.Pool, other: pykvshm.Pool,
@@ -269,7 +395,145 @@ def test_close_drops_pins_and_aborts_writes(pool: pykvshm.Pool, other: pykvshm.P
     del h
 
 
+# ---- close() while other threads are inside calls ----
+
+_CLOSE_RACE = r"""
+import sys, threading, time
+import numpy as np
+import pykvshm
+from pykvshm import errors as E
+
+name, rounds = sys.argv[1], int(sys.argv[2])
+spec = pykvshm.KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4, dtype="float16")
+keys = pykvshm.block_keys(np.arange(64 * 4), 4, salt=b"close-race")
+data = np.ones((64, *spec.block_shape), np.float16)
+unexpected = []
+for r in range(rounds):
+    pool = pykvshm.Pool.create(name, spec=spec, capacity="8MiB")
+    pool.publish(keys, data)
+    go = threading.Barrier(9)
+
+    def work(i):
+        out = np.empty_like(data)
+        go.wait()
+        try:
+            while True:
+                k = i % 4
+                if k == 0:
+                    pool.match(keys)
+                elif k == 1:
+                    pool.stats()
+                elif k == 2:
+                    with pool.acquire(keys) as lease:
+                        lease.copy_to(out[:len(lease)])
+                else:
+                    pool.free(pool.alloc(4))
+                    pool.check(strict=False)
+        except E.PoolClosedError:
+            pass  # the only clean outcome once close() has begun
+        except Exception as e:
+            unexpected.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.001 * (r % 5))
+    pool.close()
+    for t in threads:
+        t.join()
+    pykvshm.Pool.destroy(name)
+print("unexpected:", unexpected[:3])
+sys.exit(1 if unexpected else 0)
+"""
+
+
+def test_close_while_eight_threads_are_inside_calls(pool_name: str) -> None:
+    """close() used to unmap under match / stats / copy_to running without the GIL (a segfault in
+    most runs); now later calls raise PoolClosedError and close() waits for those in flight."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CLOSE_RACE, pool_name, "20"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"exit {r.returncode} (-11 is a segfault): {r.stdout} {r.stderr[-2000:]}"
+
+
+def test_close_wakes_a_transfer_waiter(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
+    """A thread waiting (without the GIL) for a layer gets PoolClosedError promptly when another
+    thread closes the handle, instead of keeping close() waiting for its whole timeout."""
+    import threading
+    import time
+
+    from pykvshm.transfer import TransferConsumer, TransferProducer
+
+    producer = pykvshm.Pool.open(pool.name)
+    try:
+        tx = TransferProducer(producer, "close-wakes", make_keys(2, salt=b"tx"))
+        rx = TransferConsumer(pool, "close-wakes", timeout=5)
+        got: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                rx.wait_layer(0, timeout=30)
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                got.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        pool.close()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 5
+        assert len(got) == 1 and isinstance(got[0], E.PoolClosedError), got
+        tx.abort()
+    finally:
+        producer.close()
+
+
+def test_close_refused_for_views_lets_other_calls_go_on(pool: pykvshm.Pool, published) -> None:
+    keys, _ = published
+    lease = pool.acquire(keys)
+    v = lease.views()
+    with pytest.raises(E.ViewsAliveError):
+        pool.close()
+    assert not pool.closed and pool.match(keys) == 4  # the refused close reopened the handle
+    del v
+    lease.release()
+    pool.close()
+    assert pool.closed
+
+
 # ---- arrays ----
+
+@pytest.mark.parametrize("data", [[[0.0]], (1, 2), b"bytes", None, 3.5])
+def test_publish_data_of_the_wrong_kind_is_a_type_error(pool: pykvshm.Pool, spec: pykvshm.KVSpec, data) -> None:
+    """publish(keys, a list) used to raise AttributeError ('list' object has no attribute 'shape')."""
+    with pytest.raises(TypeError, match=r"publish data must be a numpy array or a torch tensor of shape \(2, "):
+        pool.publish(make_keys(2), data)
+    with pytest.raises(TypeError, match="copy_to destination must be a numpy array"):
+        pool.publish(make_keys(1), blocks(spec, 1))
+        with pool.acquire(make_keys(1)) as lease:
+            lease.copy_to(data)
+    assert_quiescent_ok(pool)
+
+
+def test_alloc_of_more_blocks_than_the_pool_has_is_refused_up_front(pool: pykvshm.Pool) -> None:
+    """alloc(400_000_000) used to allocate a 3 GB handle array and scan for 31 s before PoolFullError."""
+    import time
+
+    for n in (pool.num_blocks + 1, 400_000_000, 2**63):
+        t0 = time.monotonic()
+        with pytest.raises(E.PoolFullError, match=f"asked for {n} blocks but the pool has only {pool.num_blocks}"):
+            pool.alloc(n)
+        assert time.monotonic() - t0 < 2
+    with pytest.raises(E.PoolFullError, match="400000000 blocks"):  # the core refuses it as early
+        pool._core.alloc(400_000_000, True)
+    with pytest.raises(ValueError, match="a number of blocks"):
+        pool.alloc(-1)
+    assert_quiescent_ok(pool)
+
 
 def test_publish_wrong_shape(pool: pykvshm.Pool, spec: pykvshm.KVSpec) -> None:
     keys = make_keys(2)

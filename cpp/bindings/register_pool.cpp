@@ -51,6 +51,7 @@ KeyBuf keys_of(const py::buffer& keys, py::buffer_info& info) {
 template <void (Pool::*Method)(const uint64_t*, size_t)>
 auto on_handles() {
   return [](Pool& p, const Handles& h) {
+    Pool::Call call(p);
     const uint64_t* d = h.data();
     size_t n = size_t(h.size());
     py::gil_scoped_release rel;
@@ -91,12 +92,13 @@ PoolOptions options(bool prefault, bool huge_pages, int numa_node, uint32_t mode
   o.map.prefault = prefault;
   o.map.huge_pages = huge_pages;
   o.map.numa_node = numa_node;
+  if (mode > 0777) throw py::value_error("mode must be permission bits between 0 and 0o777 (no setuid, setgid or sticky bit)");
   o.map.mode = mode;
   if (coherence > 1) throw py::value_error("coherence must be 0 (coherent) or 1 (noncoherent)");
   o.coherence = layout::Coherence(coherence);
   o.block_checksums = checksums;
   o.host_id = host_id;
-  if (!(lease_s > 0)) throw py::value_error("lease must be positive");
+  if (!(lease_s > 0 && lease_s < 1e9)) throw py::value_error("lease must be a positive, finite number of seconds");
   o.lease_ns = uint64_t(lease_s * 1e9);
   return o;
 }
@@ -165,8 +167,10 @@ void register_pool(py::module_& m) {
       .def_static(
           "open",
           [](const std::string& name, bool prefault, bool huge_pages, int numa_node, uint64_t host_id, double lease_s,
-             std::optional<std::array<uint32_t, 6>> expect, unsigned copy_threads, uint32_t copy_kernel) {
+             std::optional<std::array<uint32_t, 6>> expect, unsigned copy_threads, uint32_t copy_kernel,
+             bool allow_foreign) {
             auto o = options(prefault, huge_pages, numa_node, 0600, 0, false, host_id, lease_s, copy_threads, copy_kernel);
+            o.map.allow_foreign = allow_foreign;
             GeometryIn g{};
             if (expect) g = GeometryIn{(*expect)[0], (*expect)[1], (*expect)[2], (*expect)[3], (*expect)[4], (*expect)[5]};
             py::gil_scoped_release rel;
@@ -174,11 +178,14 @@ void register_pool(py::module_& m) {
           },
           py::arg("name"), py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
           py::arg("host_id") = 0, py::arg("lease_s") = 10.0, py::arg("expect") = py::none(), py::arg("copy_threads") = 1,
-          py::arg("copy_kernel") = 0)
+          py::arg("copy_kernel") = 0, py::arg("allow_foreign") = false)
       .def_static(
           "open_read_only",
           [](const std::string& name, uint64_t host_id, double lease_s, std::optional<std::array<uint32_t, 6>> expect) {
             auto o = options(false, false, -1, 0600, 0, false, host_id, lease_s);
+            // A monitor writes nothing, so a pool made by another user (or writable by others) cannot
+            // be used against it: the ownership check guards writable attaches only.
+            o.map.allow_foreign = true;
             GeometryIn g{};
             if (expect) g = GeometryIn{(*expect)[0], (*expect)[1], (*expect)[2], (*expect)[3], (*expect)[4], (*expect)[5]};
             py::gil_scoped_release rel;
@@ -190,14 +197,18 @@ void register_pool(py::module_& m) {
         return Mapping::backend_for(name) == Backend::kShm ? Mapping::shm_path(name) : name;
       })
       .def("close", &Pool::close, py::call_guard<py::gil_scoped_release>())
-      .def("abandon", &Pool::abandon)
+      .def("shut_calls", &Pool::shut_calls)
+      .def("reopen_calls", &Pool::reopen_calls)
+      .def("abandon", &Pool::abandon, py::call_guard<py::gil_scoped_release>())
       .def("debug_hold_lock",
            [](Pool& p) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.debug_hold_lock();
            })
       .def("lock_stats",
            [](const Pool& p) {
+             Pool::Call call(p);
              LockStats st = p.lock_stats();
              py::dict d;
              d["acquisitions"] = st.acquisitions;
@@ -209,6 +220,7 @@ void register_pool(py::module_& m) {
       .def_property_readonly("closed", &Pool::closed)
       .def_property_readonly("read_only", &Pool::read_only)
       .def_property_readonly("placement", [](const Pool& p) {
+        Pool::Call call(p);
         const Mapping& mp = p.mapping();
         static const char* kBackends[] = {"shm", "file", "devdax"};
         py::dict d;
@@ -220,7 +232,7 @@ void register_pool(py::module_& m) {
         d["prefault"] = mp.prefaulted();
         return d;
       })
-      .def_property_readonly("geometry", [](const Pool& p) {
+      .def_property_readonly("geometry", [](const Pool& p) {  // copied at attach: no mapping access
         const auto& g = p.geometry();
         py::dict d;
         d["num_layers"] = g.num_layers;
@@ -235,21 +247,39 @@ void register_pool(py::module_& m) {
       })
       .def_property_readonly("num_blocks", &Pool::num_blocks)
       .def_property_readonly("index_slots", &Pool::index_slots)
-      .def_property_readonly("total_bytes", &Pool::total_bytes)
+      .def_property_readonly("total_bytes",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return p.total_bytes();
+                             })
       .def_property_readonly("data_offset", &Pool::data_offset)
       .def_property_readonly("path", &Pool::path)
       .def_property_readonly("coherence", [](const Pool& p) { return uint32_t(p.coherence()); })
       .def_property_readonly("block_checksums", &Pool::block_checksums)
       .def_property_readonly("member_slot", &Pool::member_slot)
       .def_property_readonly("host_id", &Pool::host_id)
-      .def_property_readonly("created_ns", &Pool::created_ns)
-      .def_property_readonly("address", [](const Pool& p) { return reinterpret_cast<uintptr_t>(p.base()); })
+      .def_property_readonly("created_ns",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return p.created_ns();
+                             })
+      .def_property_readonly("address",
+                             [](const Pool& p) {
+                               Pool::Call call(p);
+                               return reinterpret_cast<uintptr_t>(p.base());
+                             })
       .def_property_readonly("uuid", [](const Pool& p) {
+        Pool::Call call(p);
         auto u = p.uuid();
         return py::bytes(reinterpret_cast<const char*>(u.data()), u.size());
       })
       .def("alloc",
            [](Pool& p, size_t n, bool evict) {
+             Pool::Call call(p);
+             // Refused before the handle array is allocated (n may be in the billions).
+             if (n > p.num_blocks())
+               raise(ErrorCode::kFull, "asked for " + std::to_string(n) + " blocks but the pool has only " +
+                                           std::to_string(p.num_blocks()));
              std::vector<uint64_t> out(n);
              {
                py::gil_scoped_release rel;
@@ -261,16 +291,19 @@ void register_pool(py::module_& m) {
       .def("free", on_handles<&Pool::free>())
       .def("block_buffer",
            [](Pool& p, uint64_t handle, bool writable, py::object anchor) {
+             Pool::Call call(p);
              uint8_t* ptr = writable ? p.writable_block(handle) : const_cast<uint8_t*>(p.pinned_block(handle));
              return BlockBuffer{ptr, size_t(p.geometry().block_bytes), !writable, std::move(anchor)};
            },
            py::arg("handle"), py::arg("writable"), py::arg("anchor"))
       .def("block_address", [](Pool& p, uint64_t index) {
+        Pool::Call call(p);
         if (index >= p.num_blocks()) throw py::index_error("block index out of range");
         return reinterpret_cast<uintptr_t>(p.block_data(index));
       })
       .def("match",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              py::gil_scoped_release rel;
@@ -278,6 +311,7 @@ void register_pool(py::module_& m) {
            })
       .def("publish",
            [](Pool& p, const py::buffer& keys, uintptr_t src, uint64_t stride) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              if (stride < p.geometry().block_bytes) throw py::value_error("source stride is smaller than a block");
@@ -286,6 +320,7 @@ void register_pool(py::module_& m) {
            })
       .def("acquire",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              std::vector<uint64_t> out(k.n);
@@ -299,6 +334,7 @@ void register_pool(py::module_& m) {
       .def("release", on_handles<&Pool::release>())
       .def("copy_out",
            [](Pool& p, const Handles& h, uintptr_t dst, uint64_t stride) {
+             Pool::Call call(p);
              if (stride < p.geometry().block_bytes) throw py::value_error("destination stride is smaller than a block");
              const uint64_t* d = h.data();
              size_t n = size_t(h.size());
@@ -307,6 +343,7 @@ void register_pool(py::module_& m) {
            })
       .def("reserve",
            [](Pool& p, const py::buffer& keys) {
+             Pool::Call call(p);
              py::buffer_info info;
              KeyBuf k = keys_of(keys, info);
              std::vector<int64_t> pos(k.n);
@@ -324,6 +361,7 @@ void register_pool(py::module_& m) {
       .def("abort", on_handles<&Pool::abort_writes>())
       .def("recover",
            [](Pool& p) {
+             Pool::Call call(p);
              RecoveryReport r;
              {
                py::gil_scoped_release rel;
@@ -337,6 +375,7 @@ void register_pool(py::module_& m) {
            })
       .def("stats",
            [](const Pool& p) {
+             Pool::Call call(p);
              Stats s;
              {
                py::gil_scoped_release rel;
@@ -346,6 +385,7 @@ void register_pool(py::module_& m) {
            })
       .def("members",
            [](const Pool& p) {
+             Pool::Call call(p);
              py::list out;
              for (const auto& mi : p.members()) {
                py::dict d;
@@ -366,6 +406,7 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_open",
            [](Pool& p, const py::bytes& req, const py::buffer& keys) {
+             Pool::Call call(p);
              std::string r = req;
              if (r.size() != 16) throw py::value_error("request key must be 16 bytes");
              py::buffer_info info;
@@ -379,21 +420,25 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_put_layer",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t src, uint64_t stride) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_put_layer({ch, epoch}, layer, reinterpret_cast<const uint8_t*>(src), stride);
            })
       .def("transfer_finish",
            [](Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_finish({ch, epoch});
            })
       .def("transfer_abort",
            [](Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_abort({ch, epoch});
            })
       .def("transfer_attach",
            [](Pool& p, std::optional<py::bytes> req, std::optional<py::bytes> first, uint32_t n, double timeout_s) {
+             Pool::Call call(p);
              std::string r = req ? std::string(*req) : std::string();
              std::string f = first ? std::string(*first) : std::string();
              if ((req && r.size() != 16) || (first && f.size() != 16)) throw py::value_error("keys must be 16 bytes");
@@ -410,6 +455,7 @@ void register_pool(py::module_& m) {
            py::arg("req"), py::arg("first"), py::arg("n"), py::arg("timeout_s"))
       .def("transfer_info",
            [](const Pool& p, uint32_t ch, uint32_t epoch) {
+             Pool::Call call(p);
              auto i = p.transfer_info({ch, epoch});
              const char* st[] = {"free", "filling", "open", "done", "aborted", "?", "?", "?"};
              py::dict d;
@@ -424,18 +470,21 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_wait",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, double timeout_s) {
+             Pool::Call call(p);
              uint64_t ns = timeout_s <= 0 ? 0 : uint64_t(timeout_s * 1e9);
              py::gil_scoped_release rel;
              p.transfer_wait({ch, epoch}, layer, ns);
            })
       .def("transfer_copy_layer",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t dst, uint64_t stride) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_copy_layer({ch, epoch}, layer, reinterpret_cast<uint8_t*>(dst), stride);
            })
       .def("transfer_read_layers",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t dst,
               uint64_t layer_stride, uint64_t block_stride, double timeout_s) {
+             Pool::Call call(p);
              // Layers [first, first+count), each as soon as it is ready: block j of layer l goes
              // to dst + (l - first) * layer_stride + j * block_stride.  One call without the GIL,
              // so a busy interpreter does not delay the handoff.
@@ -453,6 +502,7 @@ void register_pool(py::module_& m) {
       .def("transfer_put_layers",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t first, uint32_t count, uintptr_t src,
               uint64_t layer_stride, uint64_t block_stride, bool finish) {
+             Pool::Call call(p);
              // Layers [first, first+count) from src + (l - first) * layer_stride + j * block_stride,
              // each published (and its waiters woken) as soon as it is written; optionally finish.
              const uint64_t layer_bytes = p.geometry().block_bytes / p.geometry().num_layers;
@@ -469,11 +519,13 @@ void register_pool(py::module_& m) {
       .def("transfer_put_layer_async",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, uintptr_t src, uint64_t stride,
               const std::shared_ptr<CopyGroup>& group) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_put_layer_async({ch, epoch}, layer, reinterpret_cast<const uint8_t*>(src), stride, group);
            })
       .def("transfer_slots",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer, bool writable) {
+             Pool::Call call(p);
              std::vector<uint8_t*> v;
              {
                py::gil_scoped_release rel;
@@ -485,11 +537,13 @@ void register_pool(py::module_& m) {
            })
       .def("transfer_validate",
            [](Pool& p, uint32_t ch, uint32_t epoch, uint32_t layer) {
+             Pool::Call call(p);
              py::gil_scoped_release rel;
              p.transfer_validate({ch, epoch}, layer);
            })
       .def("slot_buffer",
            [](Pool& p, uintptr_t address, uint64_t size, bool writable, py::object anchor) {
+             Pool::Call call(p);
              // A view of `size` bytes at `address`, which must lie inside one data block of this pool
              // (addresses come from transfer_slots).
              const uint64_t base = reinterpret_cast<uintptr_t>(p.block_data(0));
@@ -503,6 +557,7 @@ void register_pool(py::module_& m) {
       .def("read_spans",
            [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
               std::shared_ptr<CopyGroup> group) {
+             Pool::Call call(p);
              const size_t n = size_t(h.size());
              if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
                throw py::value_error("read_spans: handles, offsets, addresses and sizes must have the same length");
@@ -513,6 +568,7 @@ void register_pool(py::module_& m) {
       .def("write_spans",
            [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
               std::shared_ptr<CopyGroup> group) {
+             Pool::Call call(p);
              const size_t n = size_t(h.size());
              if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
                throw py::value_error("write_spans: handles, offsets, addresses and sizes must have the same length");
@@ -522,6 +578,7 @@ void register_pool(py::module_& m) {
            py::arg("handles"), py::arg("offsets"), py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
       .def("copy_engine_info",
            [](Pool& p) {
+             Pool::Call call(p);
              CopyEngine& e = p.copy_engine();
              py::dict d;
              d["threads"] = e.threads();
@@ -532,8 +589,18 @@ void register_pool(py::module_& m) {
              return d;
            })
       .def_property_readonly("transfer_max_blocks", &Pool::transfer_max_blocks)
-      .def("check", &Pool::check, py::arg("strict") = true, py::call_guard<py::gil_scoped_release>())
-      .def("heartbeat", &Pool::heartbeat);
+      .def(
+          "check",
+          [](const Pool& p, bool strict, bool checksums) {
+            Pool::Call call(p);
+            py::gil_scoped_release rel;
+            p.check(strict, checksums);
+          },
+          py::arg("strict") = true, py::arg("checksums") = false)
+      .def("heartbeat", [](Pool& p) {
+        Pool::Call call(p);
+        p.heartbeat();
+      });
 }
 
 }  // namespace pykvshm::bindings

@@ -6,21 +6,27 @@
 // flight in any process) add exact accounting: every SEALED block is reachable
 // through exactly one index entry within its probe window, no entry names a
 // free block or an old generation, no key is stored twice, pins are only on
-// sealed blocks.
+// sealed blocks.  A sealed block withdrawn after failing its checksum (flagged in
+// its descriptor, see Pool::withdraw) may be out of the index until eviction
+// reclaims it.  With `checksums`, every sealed block's bytes are checked against
+// its CRC (a block evicted meanwhile is skipped, seqlock style).
 #include <algorithm>
 #include <string>
 #include <vector>
 
+#include "pykvshm/crc32c.h"
 #include "pykvshm/pool.h"
 
 namespace pykvshm {
 
 using namespace layout;
 
-void Pool::check(bool strict) const {
+void Pool::check(bool strict, bool checksums) const {
   Exclusive ex(this);
   ensure_open();
   auto fail = [](const std::string& what) { raise(ErrorCode::kCorrupt, "pool check failed: " + what); };
+  if (checksums && !checksums_)
+    raise(ErrorCode::kPool, "the pool was created without block checksums (checksums=True): there are none to verify");
   uint64_t in_use[2] = {0, 0};
   for (uint32_t s = 0; s < max_members_; ++s) {
     uint64_t c = member(s)->ctl.load(std::memory_order_acquire);
@@ -77,13 +83,35 @@ void Pool::check(bool strict) const {
     if (word::key_fp(h) != word::entry_fp(e)) fail(at + " has a fingerprint that does not match block " + std::to_string(i) + "'s key");
     if (((pos - h) & mask) >= kIndexProbeLimit) fail(at + " is outside the probe window of its key");
     if (entries[i] < 255) ++entries[i];
-    if (word::kind(s) == kSealed) sealed_keys.push_back({k0, k1, i});
+    if (word::kind(s) == kSealed && !withdrawn(i, s)) sealed_keys.push_back({k0, k1, i});
+  }
+  if (checksums) {
+    std::vector<uint64_t> bad;
+    for (uint64_t i = 0; i < nblocks_; ++i) {
+      const uint64_t s1 = state(i).load(std::memory_order_acquire);
+      if (word::kind(s1) != kSealed || withdrawn(i, s1)) continue;
+      const uint32_t want = desc(i).crc.load(std::memory_order_relaxed);
+      fresh(block_data(i), geo_.block_bytes);
+      const uint32_t got = crc32c(block_data(i), geo_.block_bytes);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      const uint64_t s2 = state(i).load(std::memory_order_relaxed);
+      if (word::kind(s2) != kSealed || word::gen(s2) != word::gen(s1)) continue;  // evicted meanwhile
+      if (got != want) bad.push_back(i);
+    }
+    if (!bad.empty()) {
+      std::string list;
+      for (size_t j = 0; j < bad.size() && j < 8; ++j) list += (j ? ", " : "") + std::to_string(bad[j]);
+      if (bad.size() > 8) list += ", ...";
+      fail(std::to_string(bad.size()) + " sealed block(s) do not match their checksums (blocks " + list +
+           "); acquiring one withdraws it from the pool");
+    }
   }
   if (!strict) return;
   for (uint64_t i = 0; i < nblocks_; ++i) {
     uint64_t s = state(i).load(std::memory_order_acquire);
     if (entries[i] > 1) fail("block " + std::to_string(i) + " is named by " + std::to_string(entries[i]) + " index entries");
-    if (word::kind(s) == kSealed && entries[i] == 0) fail("sealed block " + std::to_string(i) + " is not in the index");
+    if (word::kind(s) == kSealed && entries[i] == 0 && !withdrawn(i, s))
+      fail("sealed block " + std::to_string(i) + " is not in the index");
   }
   std::sort(sealed_keys.begin(), sealed_keys.end(),
             [](const KeyRef& a, const KeyRef& b) { return a.k0 != b.k0 ? a.k0 < b.k0 : a.k1 < b.k1; });

@@ -135,6 +135,38 @@ void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
   }
 }
 
+bool Pool::withdrawn(uint64_t i, uint64_t s) const noexcept {
+  const uint32_t f = desc(i).desc_flags.load(std::memory_order_relaxed);
+  return (f & kDescWithdrawn) && (f & kDescGenMask) == (word::gen(s) & kDescGenMask);
+}
+
+bool Pool::withdraw(uint64_t i, uint32_t g) noexcept {
+  Atomic64& sw = state(i);
+  uint64_t s = sw.load(std::memory_order_acquire);
+  if (word::kind(s) != kSealed || word::gen(s) != g) return false;  // already evicted or withdrawn
+  // The flag first: check() then never sees this generation sealed and out of the index unflagged.
+  // It names the generation, so a later reuse of the block is not affected by it.
+  BlockDesc& d = desc(i);
+  d.desc_flags.store(kDescWithdrawn | (g & kDescGenMask), std::memory_order_release);
+  flush(&d.desc_flags, 4);
+  remove_entry(i, g);  // match() stops counting it; a republish of its key stores it anew
+  // Free it now unless pinned: the evictor's half of the evict-vs-pin protocol (see try_evict).
+  const uint64_t evicting = word::state(g, kEvicting, slot_);
+  if (!sw.cas(s, evicting, std::memory_order_seq_cst)) return false;
+  flush(&sw, 8);
+  if (d.pin_mask[0].load(std::memory_order_seq_cst) | d.pin_mask[1].load(std::memory_order_seq_cst)) {
+    uint64_t e = evicting;
+    sw.cas(e, word::state(g, kSealed, 0), std::memory_order_release);
+    flush(&sw, 8);
+    return false;
+  }
+  uint64_t e = evicting;
+  if (!sw.cas(e, word::state(g, kFree, 0), std::memory_order_release)) return false;
+  flush(&sw, 8);
+  ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 size_t Pool::match(const uint8_t* keys, size_t n) {
   Exclusive ex(this);
   ensure_usable();
@@ -306,8 +338,13 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
       if (crc32c(p, geo_.block_bytes) != desc(i).crc.load(std::memory_order_relaxed)) {
         release(out, got);
         add_counter(kCtrChecksumErrors, 1);
+        {
+          Exclusive ex(this);
+          withdraw(i, word::handle_gen(out[j]));
+        }
         raise(ErrorCode::kChecksum, "block " + std::to_string(i) + " (key #" + std::to_string(j) +
-                                        ") does not match its checksum: the pool memory was corrupted");
+                                        ") does not match its checksum: the pool memory was corrupted; the block "
+                                        "has been withdrawn from the pool (publish its key again to store it anew)");
       }
     }
   } else if (noncoherent()) {

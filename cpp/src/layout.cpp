@@ -85,6 +85,10 @@ Geometry make_geometry(const GeometryIn& in) {
 
 LayoutPlan plan_layout(const Geometry& g, uint64_t capacity, uint64_t size_align) {
   LayoutPlan p{};
+  // Above this, rounding the size up could wrap around and a huge request would read as a tiny one.
+  constexpr uint64_t kMaxCapacity = 1ull << 62;
+  if (capacity > kMaxCapacity)
+    raise(ErrorCode::kPool, "capacity " + std::to_string(capacity) + " bytes is larger than a pool can be (at most 2^62 bytes)");
   uint64_t file = align_up(capacity, size_align);
   uint64_t lo = 0, hi = std::min<uint64_t>(file / g.block_stride + 1, kMaxBlocks + 1);
   // Largest n with layout_for(n) <= file.

@@ -1,7 +1,9 @@
 #include "pykvshm/mapping.h"
 
 #include <fcntl.h>
+#include <pwd.h>
 #include <linux/magic.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -9,6 +11,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -44,6 +47,35 @@ bool has_pool_magic(int fd) {
 void check_placement(const MapOptions& opt) {
   if (opt.numa_node < -1) raise(ErrorCode::kPlacement, "NUMA node " + std::to_string(opt.numa_node) + " is not a node number");
   if (opt.numa_node >= 0) placement::check_node(opt.numa_node);
+}
+
+std::string user_text(uid_t uid) {
+  std::string s = "uid " + std::to_string(uid);
+  char buf[1024];
+  passwd pw{}, *found = nullptr;
+  if (getpwuid_r(uid, &pw, buf, sizeof buf, &found) == 0 && found) s += " (" + std::string(pw.pw_name) + ")";
+  return s;
+}
+
+// Attaching shares every KV block with whoever controls the file: refuse a file another
+// user made (a squatter who created the name first) or one others may write.
+void check_trusted(const std::string& name, const std::string& path, const struct stat& st, bool allow_group_write) {
+  const uid_t me = geteuid();
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", unsigned(st.st_mode & 07777));
+  const std::string anyway = "open it with allow_foreign=True (CLI: --allow-foreign)";
+  if (st.st_uid != me)
+    raise(ErrorCode::kUntrusted,
+          "pool '" + name + "' (" + path + ") is owned by " + user_text(st.st_uid) + ", not by this process's user (" +
+              user_text(me) + "); another local user may have created the name first to read or alter the KV "
+              "blocks of whoever attaches. If that user shares the pool with you on purpose, " + anyway +
+              "; otherwise have it removed (`pykvshm destroy --force " + name + "` as its owner or root) or use "
+              "another name");
+  if ((st.st_mode & 022) && !allow_group_write)
+    raise(ErrorCode::kUntrusted,
+          "pool '" + name + "' (" + path + ") is writable by " + ((st.st_mode & 002) ? "every local user" : "its group") +
+              " (mode " + mode + "), so others can alter its KV blocks. If the pool is shared on purpose, " + anyway +
+              "; otherwise `chmod go-w " + path + "` as its owner");
 }
 
 }  // namespace
@@ -126,6 +158,9 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
   m.backend_ = backend_for(name);
   m.path_ = m.backend_ == Backend::kShm ? shm_path(name) : name;
   check_placement(opt);
+  if (opt.mode & ~0777u)
+    raise(ErrorCode::kPool, "mode " + std::to_string(opt.mode) + " has bits beyond the permission bits (setuid, setgid, "
+                            "sticky); a pool file takes permission bits only");
   // The creator's mapping is only for initialising the metadata; Pool::open maps
   // again and prefaults then (after posix_fallocate has reserved the space, so a
   // full filesystem is ENOSPC here, not a fault).
@@ -151,6 +186,10 @@ Mapping Mapping::create(const std::string& name, uint64_t size, const MapOptions
     if (e == ENOENT) raise(ErrorCode::kNotFound, "cannot create pool '" + name + "': directory does not exist");
     raise(ErrorCode::kPool, "cannot create pool '" + name + "': " + errno_text(e));
   }
+  // Held until this mapping is dropped (Pool::create drops it after publishing the
+  // layout version): an opener that finds no superblock yet tells a creator at work
+  // (locked) from one that died (unlocked) with creator_at_work().
+  (void)flock(m.fd_, LOCK_EX | LOCK_NB);
   // shm_open applies the umask; make the mode exactly what the caller asked.
   fchmod(m.fd_, static_cast<mode_t>(opt.mode));
   try {
@@ -221,13 +260,27 @@ Mapping Mapping::open(const std::string& name, const MapOptions& opt) {
     m.huge_page_size_ = a.align;
     m.device_node_ = a.target_node;
   } else if (S_ISREG(st.st_mode)) {
+    if (!opt.allow_foreign) check_trusted(name, m.path_, st, opt.allow_group_write);
     m.file_size_ = static_cast<uint64_t>(st.st_size);
+    m.owner_uid_ = st.st_uid;
+    m.file_mode_ = st.st_mode & 07777;
+    auto ns = [](const timespec& t) { return uint64_t(t.tv_sec) * 1'000'000'000ull + uint64_t(t.tv_nsec); };
+    m.changed_ns_ = std::max(ns(st.st_mtim), ns(st.st_ctim));
     if (is_hugetlbfs(m.fd_, &m.huge_page_size_)) m.huge_ = true;
     else if (opt.huge_pages) placement::check_file_huge_pages(m.fd_, m.path_);
   } else {
     raise(ErrorCode::kCorrupt, "pool '" + name + "' (" + m.path_ + ") is not a regular file or device DAX");
   }
   return m;
+}
+
+bool Mapping::creator_at_work() const {
+  if (fd_ < 0 || backend_ == Backend::kDevDax) return false;
+  if (flock(fd_, LOCK_SH | LOCK_NB) == 0) {
+    (void)flock(fd_, LOCK_UN);
+    return false;
+  }
+  return errno == EWOULDBLOCK;
 }
 
 std::vector<uint8_t> Mapping::read_prefix(size_t n) const {

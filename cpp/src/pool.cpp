@@ -118,6 +118,16 @@ uint64_t fnv1a(const std::string& s, uint64_t h = 0xcbf29ce484222325ull) {
   return h;
 }
 
+// A pool file whose superblock is not written yet: all zero so far (or empty), or
+// the magic without a layout version.  Device DAX is left to validate_superblock.
+bool unwritten(const std::vector<uint8_t>& head) {
+  if (std::all_of(head.begin(), head.end(), [](uint8_t c) { return c == 0; })) return true;
+  uint32_t version = 1;
+  if (head.size() >= offsetof(Superblock, layout_version) + 4)
+    std::memcpy(&version, head.data() + offsetof(Superblock, layout_version), 4);
+  return head.size() >= sizeof kMagic && std::memcmp(head.data(), kMagic, sizeof kMagic) == 0 && version == 0;
+}
+
 }  // namespace
 
 uint64_t realtime_ns() {
@@ -238,8 +248,18 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     if (b != Backend::kDevDax) ::unlink(path.c_str());
     throw;
   }
+  std::string path = m.path();
   m.unmap();
-  return open(name, opt);
+  try {
+    PoolOptions mine = opt;
+    mine.map.allow_group_write = true;  // the mode it was just asked to create (still refused: another owner)
+    return open(name, mine);
+  } catch (...) {
+    // E.g. a mode that does not let the creator itself open the file again: a pool
+    // nobody created successfully must not stay behind under the name.
+    if (b != Backend::kDevDax) ::unlink(path.c_str());
+    throw;
+  }
 }
 
 std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt, const GeometryIn* expect) {
@@ -270,6 +290,28 @@ std::unique_ptr<Pool> Pool::map_validated(const std::string& name, const PoolOpt
   p->map_ = Mapping::open(name, opt.map);
   // Validate from a private copy before mapping anything writable.
   auto head = p->map_.read_prefix(sizeof(Superblock));
+  if (p->map_.backend() != Backend::kDevDax && unwritten(head)) {
+    // A creator holds its flock from creating the file to publishing the layout version.
+    // Look twice: the file exists a moment before its creator locks it.
+    bool creating = p->map_.creator_at_work();
+    if (!creating) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      head = p->map_.read_prefix(sizeof(Superblock));
+      creating = unwritten(head) && p->map_.creator_at_work();
+    }
+    if (creating)
+      raise(ErrorCode::kInitializing, "pool '" + name + "' is still being created by another process; retry shortly "
+                                      "(Pool.open_or_create waits for it)");
+    if (unwritten(head)) {
+      const uint64_t size = p->map_.file_size();
+      const std::string what = size == 0 ? "is empty (truncated, or never written)"
+                                         : head.empty() || head[0] == 0 ? "holds only zeros where the superblock belongs"
+                                                                        : "has the pool magic but no layout version";
+      raise(ErrorCode::kCorrupt, "pool '" + name + "' (" + p->map_.path() + ") " + what +
+                                     ", and no process is creating it (a creator that died before finishing leaves "
+                                     "this); remove it with `pykvshm destroy --force " + name + "` and create it again");
+    }
+  }
   validate_superblock(head.data(), head.size(), p->map_.file_size(), name);
   if (expect) {
     const Geometry& g = reinterpret_cast<const Superblock*>(head.data())->geometry;
@@ -669,12 +711,15 @@ void Pool::retire_counters(uint32_t s) {
 }
 
 void Pool::close() {
+  calls_.shut(true);
+  calls_.wait_idle();
+  std::lock_guard<std::mutex> lk(close_mu_);
   if (!map_.base()) return;
   {
     // Queued copies write into (and read from) the mapping: let them finish first.
     std::unique_ptr<CopyEngine> engine;
     {
-      std::lock_guard<std::mutex> lk(engine_mu_);
+      std::lock_guard<std::mutex> elk(engine_mu_);
       engine = std::move(engine_);
     }
     engine.reset();
@@ -715,9 +760,12 @@ void Pool::leave_pool() {
 void Pool::abandon() noexcept {
   // Drop the mapping and forget the slot, as if the process had died here
   // (queued copies are finished first: they write into the mapping).
+  calls_.shut(true);
+  calls_.wait_idle();
+  std::lock_guard<std::mutex> lk(close_mu_);
   g_timer.load(std::memory_order_relaxed)->remove(this);
   {
-    std::lock_guard<std::mutex> lk(engine_mu_);
+    std::lock_guard<std::mutex> elk(engine_mu_);
     engine_.reset();
   }
   map_.unmap();

@@ -506,6 +506,7 @@ Pool::TransferRef Pool::transfer_attach(const uint8_t req_key[16], const uint8_t
       }
     }
     if (found) return best;
+    if (calls_.is_shut()) raise(ErrorCode::kClosed, "the pool handle was closed while waiting for a transfer");
     uint64_t now = monotonic_ns();
     if (now >= deadline) raise(ErrorCode::kGone, "no transfer with that request id or keys appeared in time");
     uint64_t slice = std::min<uint64_t>(deadline - now, 50'000'000ull);
@@ -547,6 +548,7 @@ void Pool::transfer_wait(TransferRef t, uint32_t layer, uint64_t timeout_ns) {
     uint32_t v = ch.ready.load(std::memory_order_acquire);
     if (v & kReadyAborted) raise(ErrorCode::kAborted, "the transfer was aborted");
     if ((v & kReadyCount) > layer || (v & kReadyDone)) return;
+    if (calls_.is_shut()) raise(ErrorCode::kClosed, "the pool handle was closed while waiting for a transfer");
     uint64_t now = monotonic_ns();
     if (now >= deadline)
       raise(ErrorCode::kTimeout, "timed out waiting for layer " + std::to_string(layer) + " (" +

@@ -6,7 +6,9 @@
 // plan must fail here until the layout version is bumped and the note updated.
 // validate_superblock is then fed one corruption at a time; each must be
 // rejected with its own ErrorCode and without touching the bytes.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cctype>
@@ -496,12 +498,14 @@ TEST_F(SuperblockTest, OpenRejectsWithoutWriting) {
     const char* what;
     uint32_t version;
     bool break_checksum;
+    bool creator_at_work;  // hold the flock a creator holds until it publishes the version
     ErrorCode code;
   };
   const Case cases[] = {
-      {"next version", kLayoutVersion + 1, false, ErrorCode::kLayoutMismatch},
-      {"version 0", 0, false, ErrorCode::kInitializing},
-      {"checksum", 1, true, ErrorCode::kCorrupt},
+      {"next version", kLayoutVersion + 1, false, false, ErrorCode::kLayoutMismatch},
+      {"version 0, creator at work", 0, false, true, ErrorCode::kInitializing},
+      {"version 0, creator gone", 0, false, false, ErrorCode::kCorrupt},
+      {"checksum", 1, true, false, ErrorCode::kCorrupt},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
@@ -510,6 +514,18 @@ TEST_F(SuperblockTest, OpenRejectsWithoutWriting) {
     if (c.break_checksum) sb(img)->checksum ^= 1;
     overwrite(img);
     const auto before = whole_file();
+    int creator = -1;
+    if (c.creator_at_work) {
+      creator = ::open(Mapping::shm_path(name_).c_str(), O_RDONLY | O_CLOEXEC);
+      ASSERT_GE(creator, 0);
+      ASSERT_EQ(flock(creator, LOCK_EX), 0);
+    }
+    struct Unlock {
+      int fd;
+      ~Unlock() {
+        if (fd >= 0) ::close(fd);
+      }
+    } unlock{creator};
     try {
       auto p = Pool::open(name_, PoolOptions{});
       ADD_FAILURE() << "opened a pool with a bad superblock (" << c.what << ")";

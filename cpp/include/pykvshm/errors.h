@@ -30,6 +30,7 @@ enum class ErrorCode {
   kAborted,         // TransferAbortedError: the transfer was aborted (by a side, or its producer died)
   kGone,            // TransferGoneError: no such transfer, or its channel was reused
   kReadOnly,        // ReadOnlyPoolError: a change asked of a read-only (monitoring) handle
+  kUntrusted,       // UntrustedPoolError: owned by another user, or writable by group/others
 };
 
 class Error : public std::runtime_error {
@@ -68,6 +69,7 @@ inline const char* error_class_name(ErrorCode c) noexcept {
     case ErrorCode::kAborted: return "TransferAbortedError";
     case ErrorCode::kGone: return "TransferGoneError";
     case ErrorCode::kReadOnly: return "ReadOnlyPoolError";
+    case ErrorCode::kUntrusted: return "UntrustedPoolError";
   }
   return "PoolError";
 }

@@ -197,9 +197,11 @@ struct alignas(64) BlockDesc {
   Atomic64 pin_mask[2];   // 0   bit m = member slot m holds a pin
   Atomic64 key[2];        // 16  16-byte key, written before the index entry is inserted
   Atomic32 crc;           // 32  crc32c of the block's bytes (when kFlagBlockChecksums)
-  Atomic32 desc_flags;    // 36
+  Atomic32 desc_flags;    // 36  0, or kDescWithdrawn | (gen & kDescGenMask): that generation failed its checksum
   uint8_t pad[24];        // 40
 };
+inline constexpr uint32_t kDescWithdrawn = 1u << 31;
+inline constexpr uint32_t kDescGenMask = kDescWithdrawn - 1;
 static_assert(sizeof(BlockDesc) == 64);
 static_assert(offsetof(BlockDesc, key) == 16);
 static_assert(offsetof(BlockDesc, crc) == 32);

@@ -17,6 +17,10 @@ struct MapOptions {
                            // for device DAX: the device's memory must be on this node
   uint32_t mode = 0600;    // permission bits of a created file
   bool read_only = false;  // open: O_RDONLY and PROT_READ (a monitor); no placement, nothing written
+  // open(): attach even to a file owned by another user or writable by group/others
+  // (a pool shared between users on purpose).  Otherwise either is kUntrusted.
+  bool allow_foreign = false;
+  bool allow_group_write = false;  // the creator's own open of the pool it just made with such a mode
 };
 
 class Mapping {
@@ -45,9 +49,17 @@ class Mapping {
   static Mapping open(const std::string& name, const MapOptions& opt);
 
   uint64_t file_size() const { return file_size_; }
+  // From fstat of the opened file (regular files; 0 for device DAX): its owner, permission
+  // bits and when it last changed (the later of mtime and ctime, ns since the epoch).
+  uint32_t owner_uid() const { return owner_uid_; }
+  uint32_t file_mode() const { return file_mode_; }
+  uint64_t changed_ns() const { return changed_ns_; }
   // pread of the first `n` bytes (fewer if the file is shorter).
   std::vector<uint8_t> read_prefix(size_t n) const;
   void map(const MapOptions& opt);  // maps [0, file_size) shared, read-write (read-only if opened so)
+  // True while a process creating this pool file still initialises it (create() holds
+  // an exclusive flock on it until the creator drops its mapping).
+  bool creator_at_work() const;
   void unmap() noexcept;
 
   uint8_t* base() const { return base_; }
@@ -70,6 +82,8 @@ class Mapping {
   uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
   uint64_t file_size_ = 0;
+  uint32_t owner_uid_ = 0, file_mode_ = 0;
+  uint64_t changed_ns_ = 0;
   std::string name_, path_;
   Backend backend_ = Backend::kShm;
   bool huge_ = false;

@@ -3,11 +3,14 @@
 //
 // Thread safety: every method may be called from several threads of the same
 // process at once (the shared structures are lock-free; the process-local pin
-// table has a mutex).  A Pool object must not be used after fork(): the child
-// opens the pool again.
+// table has a mutex).  close() may run while other threads are inside calls that
+// hold a Pool::Call (the Python binding holds one around every call): later calls
+// then fail with kClosed and close() waits for those in flight before it unmaps.
+// A Pool object must not be used after fork(): the child opens the pool again.
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -87,8 +90,54 @@ uint32_t dtype_size_for_code(uint32_t code);           // 0 for an unknown code
 void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, const std::string& name);
 uint64_t superblock_checksum(const layout::Superblock* sb);
 
+// The calls in flight on one handle, so that close() can wait for them instead
+// of unmapping under them.  One word: a "shut" bit, a "final" bit (close() has
+// committed) and the count of calls in flight.
+class CallGate {
+ public:
+  void enter() {
+    uint64_t w = word_.fetch_add(1, std::memory_order_acquire);
+    if (w & kShut) {
+      leave();
+      raise(ErrorCode::kClosed, "the pool handle is closed (or being closed by another thread)");
+    }
+  }
+  void leave() noexcept {
+    uint64_t w = word_.fetch_sub(1, std::memory_order_release) - 1;
+    if ((w & kCount) == 0 && (w & kShut)) word_.notify_all();
+  }
+  // Refuse new calls.  `final`: for good (close() itself); otherwise reopen() may undo it.
+  void shut(bool final) noexcept { word_.fetch_or(final ? kShut | kFinal : kShut, std::memory_order_acq_rel); }
+  void reopen() noexcept {
+    uint64_t w = word_.load(std::memory_order_relaxed);
+    while (!(w & kFinal) && !word_.compare_exchange_weak(w, w & ~kShut, std::memory_order_acq_rel)) {
+    }
+  }
+  bool is_shut() const noexcept { return (word_.load(std::memory_order_acquire) & kShut) != 0; }
+  void wait_idle() const noexcept {  // until no call is in flight (after shut)
+    for (uint64_t w = word_.load(std::memory_order_acquire); w & kCount; w = word_.load(std::memory_order_acquire))
+      word_.wait(w, std::memory_order_acquire);
+  }
+
+ private:
+  static constexpr uint64_t kShut = 1ull << 63, kFinal = 1ull << 62, kCount = kFinal - 1;
+  std::atomic<uint64_t> word_{0};
+};
+
 class Pool {
  public:
+  // Held around a call by a caller that may race close() (see the note at the top).
+  class Call {
+   public:
+    explicit Call(const Pool& p) : g_(p.calls_) { g_.enter(); }
+    ~Call() { g_.leave(); }
+    Call(const Call&) = delete;
+    Call& operator=(const Call&) = delete;
+
+   private:
+    CallGate& g_;
+  };
+
   static std::unique_ptr<Pool> create(const std::string& name, const GeometryIn& g, uint64_t capacity,
                                       const PoolOptions& opt);
   // With `expect`, a pool of another geometry is refused before anything is written.
@@ -107,8 +156,15 @@ class Pool {
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
 
-  void close();  // releases pins, aborts unfinished writes, frees the member slot, unmaps
-  bool closed() const { return !map_.base(); }
+  // Releases pins, aborts unfinished writes, frees the member slot, unmaps; first
+  // refuses new calls and waits for the Calls in flight.  Idempotent.
+  void close();
+  bool closed() const { return calls_.is_shut(); }
+  // Refuse new calls (closed() turns true) without closing yet; reopen_calls()
+  // undoes it unless close() has begun.  Lets a caller check, without racing new
+  // calls, whether it may close (the Python layer checks for live views).
+  void shut_calls() noexcept { calls_.shut(false); }
+  void reopen_calls() noexcept { calls_.reopen(); }
   bool read_only() const { return read_only_; }
 
   // ---- description ----
@@ -202,7 +258,9 @@ class Pool {
   RecoveryReport recover();
   Stats stats() const;
   std::vector<MemberInfo> members() const;
-  void check(bool strict) const;  // throws kCorrupt naming the first violation
+  // Throws kCorrupt naming the first violation; with `checksums` (a pool created with block
+  // checksums) also recomputes every sealed block's CRC and names the blocks that fail.
+  void check(bool strict, bool checksums = false) const;
   void add_counter(layout::Counter c, uint64_t v) noexcept;
   void heartbeat() noexcept;
 
@@ -276,6 +334,10 @@ class Pool {
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
   void remove_entry(uint64_t index, uint32_t gen) noexcept;
+  // A sealed block whose bytes failed their checksum: flag it, take it out of the index and free it
+  // unless some member pins it (eviction reclaims it once unpinned).  Returns true when freed now.
+  bool withdraw(uint64_t index, uint32_t gen) noexcept;
+  bool withdrawn(uint64_t index, uint64_t state_word) const noexcept;
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
   void unpin(uint64_t index) noexcept;
   void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
@@ -321,6 +383,8 @@ class Pool {
   void abort_channels_of(const uint64_t mask[2]);
   void wake(Atomic32& word) const noexcept;
 
+  mutable CallGate calls_;
+  std::mutex close_mu_;
   Mapping map_;
   // Everything below is copied from the validated superblock at attach and never
   // re-read from shared memory, so a co-tenant scribbling on the superblock later

@@ -27,6 +27,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "prefault": False,
     "numa_node": None,
     "lease": 10.0,                # seconds before a silent member of another host is presumed dead
+    "allow_foreign": False,       # attach to a pool owned by another user / writable by others (shared on purpose)
     "open_timeout": 60.0,         # seconds to wait for another engine that is creating the pool
     "stats_file": None,           # append one JSON line of worker load/save timings per step
     "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
@@ -98,7 +99,7 @@ class ConnectorConfig:
             save=bool(ktc.is_kv_producer),
             load=bool(ktc.is_kv_consumer),
             pool_options=tuple(sorted(
-                (k, opt[k]) for k in ("coherence", "huge_pages", "prefault", "numa_node", "lease"))),
+                (k, opt[k]) for k in ("coherence", "huge_pages", "prefault", "numa_node", "lease", "allow_foreign"))),
             open_timeout=float(opt["open_timeout"]),
             stats_file=opt["stats_file"],
             layerwise_loads=opt["layerwise_loads"],
@@ -109,10 +110,11 @@ class ConnectorConfig:
         from ...pool import Pool
 
         options = dict(self.pool_options)
-        open_options = {k: options[k] for k in ("prefault", "huge_pages", "numa_node", "lease")}
+        open_options = {k: options[k] for k in ("prefault", "huge_pages", "numa_node", "lease", "allow_foreign")}
         if self.create == "open":
             return Pool.open(self.pool, self.spec, **open_options)
         if self.create == "create":
+            options.pop("allow_foreign")
             return Pool.create(self.pool, self.spec, self.capacity, **options)
         return Pool.open_or_create(self.pool, self.spec, self.capacity, timeout=self.open_timeout, **options)
 
