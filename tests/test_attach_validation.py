@@ -705,7 +705,13 @@ def test_an_empty_squat_file_is_refused_at_once_naming_its_owner(pool_name: str,
     with pytest.raises(E.UntrustedPoolError, match=rf"owned by uid {NOBODY}"):
         pykvshm.Pool.open_or_create(pool_name, spec, "4MiB")
     assert time.monotonic() - t0 < 2
+    # `pykvshm info` attaches read-only (a monitor writes nothing, so ownership does not bar it): the
+    # empty squat file is reported as no pool, with what to do, and nothing is changed.
     r = subprocess.run([sys.executable, "-m", "pykvshm", "info", pool_name], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "CorruptPoolError" in r.stderr and "destroy --force" in r.stderr
+    assert os.stat(path).st_size == 0 and os.stat(path).st_uid == NOBODY
+    r = subprocess.run([sys.executable, "-m", "pykvshm", "recover", pool_name], capture_output=True, text=True,
+                       timeout=60)  # a writable attach is refused naming the owner
     assert r.returncode == 1 and "UntrustedPoolError" in r.stderr and f"owned by uid {NOBODY}" in r.stderr
 
 
