@@ -92,6 +92,35 @@ def measure(path: str, data: np.ndarray, dst: np.ndarray, kernel: str, threads: 
         pykvshm.Pool.destroy(path)
 
 
+def span_sizes(reps: int = 200) -> list[dict[str, Any]]:
+    """One span copied between a pool block and an ordinary numpy buffer, per size, direction and kernel
+    (median of ``reps``, in microseconds): where the streaming kernel starts to pay."""
+    name = f"copykern-spans-{os.getpid()}"
+    with contextlib.suppress(pykvshm.errors.PoolNotFoundError):
+        pykvshm.Pool.destroy(name)
+    p = pykvshm.Pool.create(name, spec=SPEC, capacity=8 * SPEC.block_bytes, prefault=True)
+    buf = np.zeros(2 << 20, np.uint8)
+    buf[:] = 1
+    pool_addr, buf_addr = int(p._core.block_address(0)), int(buf.ctypes.data)
+    rows = []
+    try:
+        for size in (4 << 10, 32 << 10, 256 << 10, 1 << 20):
+            for direction, (dst, src) in (("pool->buffer", (buf_addr, pool_addr)), ("buffer->pool", (pool_addr, buf_addr))):
+                row: dict[str, Any] = {"bytes": size, "direction": direction}
+                for kname, kcode in (("memcpy", 1), ("stream", 2)):
+                    ts = []
+                    for _ in range(reps):
+                        t = time.perf_counter()
+                        pykvshm._core.copy_bytes(dst, src, size, kcode)
+                        ts.append(time.perf_counter() - t)
+                    row[f"{kname}_us"] = statistics.median(ts) * 1e6
+                rows.append(row)
+    finally:
+        p.close()
+        pykvshm.Pool.destroy(name)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hugetlbfs", default=None, help="a hugetlbfs directory, or 'auto' (root)")
@@ -137,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {kernel} | {threads} | {fmt(r['publish'])} | {fmt(r['copy_to'])} | "
               f"{statistics.median(r['memcpy_GBps']):.1f} |")
         out.append({"pages": label, "kernel": kernel, "threads": threads, **{k: v for k, v in r.items()}})
+    spans = span_sizes()
+    print("\none span between a pool block (/dev/shm) and a numpy buffer, median of 200, microseconds")
+    print("| bytes | direction | memcpy | stream |")
+    print("|---|---|---|---|")
+    for r in spans:
+        print(f"| {r['bytes'] >> 10} KiB | {r['direction']} | {r['memcpy_us']:.1f} | {r['stream_us']:.1f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "copy_kernels", "bytes": int(data.nbytes), "runs": args.runs, "reps": args.reps,
-                   "rows": out}, f, indent=1)
+                   "rows": out, "spans": spans}, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 

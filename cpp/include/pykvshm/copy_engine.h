@@ -39,7 +39,7 @@ struct CopySpan {
 enum class CopyKernel : uint32_t { kAuto = 0, kMemcpy = 1, kStream = 2 };
 
 // Batches of at least this many bytes use the streaming kernel under kAuto.
-inline constexpr uint64_t kStreamThreshold = 1ull << 20;
+inline constexpr uint64_t kStreamThreshold = 16ull << 10;
 
 // Copies every span on the calling thread with `kernel` (kAuto resolved by total size).
 void copy_spans(const CopySpan* spans, size_t n, CopyKernel kernel);
