@@ -722,7 +722,10 @@ void Pool::close() {
       std::lock_guard<std::mutex> elk(engine_mu_);
       engine = std::move(engine_);
     }
-    engine.reset();
+    if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
+      (void)engine.release();  // a forked child: the engine's threads exist in the parent only
+    else
+      engine.reset();
   }
   g_timer.load(std::memory_order_relaxed)->remove(this);
   if (!read_only_ && g_fork_gen.load(std::memory_order_relaxed) == fork_gen_) {
@@ -766,7 +769,10 @@ void Pool::abandon() noexcept {
   g_timer.load(std::memory_order_relaxed)->remove(this);
   {
     std::lock_guard<std::mutex> elk(engine_mu_);
-    engine_.reset();
+    if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
+      (void)engine_.release();  // a forked child: the engine's threads exist in the parent only
+    else
+      engine_.reset();
   }
   map_.unmap();
 }

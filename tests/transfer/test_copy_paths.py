@@ -245,3 +245,24 @@ def test_across_processes_both_in_place(cpool) -> None:
     p.join(10)
     assert p.exitcode == 0
     cpool.check()
+
+
+def _close_inherited(pool) -> None:
+    # The parent's handle, inherited through fork: closing it must neither touch the pool nor wait
+    # for the parent's copy-engine thread (it does not exist here).
+    pool._core.close()
+    os._exit(0)
+
+
+def test_closing_an_inherited_handle_after_fork_does_not_hang(cpool) -> None:
+    keys = keys_for("fork", 2)
+    cpool.publish(keys, blocks_for_keys(keys, SPEC))
+    with cpool.acquire(keys) as lease:  # start the handle's copy-engine thread
+        dst = np.zeros(2 * SPEC.block_bytes, np.uint8)
+        lease.read_spans(dst, [0, 1], 0, [0, SPEC.block_bytes], SPEC.block_bytes, wait=False).wait()
+    p = CTX.Process(target=_close_inherited, args=(cpool,))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0, "the child hung or crashed closing an inherited handle"
+    assert cpool.match(keys) == 2  # the parent's handle is untouched
+    cpool.check()
