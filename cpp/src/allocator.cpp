@@ -111,7 +111,7 @@ uint64_t Pool::scan_evict(size_t want, uint64_t* out, size_t have) {
   return got;
 }
 
-void Pool::release_claims(const uint64_t* handles, size_t n) noexcept {
+void Pool::release_claims(const uint64_t* handles, size_t n) {
   for (size_t j = 0; j < n; ++j) {
     uint64_t i = word::handle_index(handles[j]);
     uint32_t g = word::handle_gen(handles[j]);

@@ -118,7 +118,7 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
   return Insert::kInserted;
 }
 
-void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
+void Pool::remove_entry(uint64_t index, uint32_t gen) {
   const uint64_t k0 = desc(index).key[0].load(std::memory_order_relaxed);
   const uint64_t k1 = desc(index).key[1].load(std::memory_order_relaxed);
   const uint64_t h = word::key_hash(k0, k1);
@@ -260,7 +260,7 @@ bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
   return false;
 }
 
-void Pool::unpin(uint64_t i) noexcept {
+void Pool::unpin(uint64_t i) {
   // Caller holds pin_mu_.
   if (pin_count_[i] == 0) return;
   if (--pin_count_[i] == 0) {

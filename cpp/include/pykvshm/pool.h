@@ -165,7 +165,7 @@ class Pool {
   Stats stats() const;
   std::vector<MemberInfo> members() const;
   void check(bool strict) const;  // throws kCorrupt naming the first violation
-  void add_counter(layout::Counter c, uint64_t v) noexcept;
+  void add_counter(layout::Counter c, uint64_t v);
   void heartbeat() noexcept;
 
   // Test hook: abandon the handle without running close() (as a crash would).
@@ -203,10 +203,14 @@ class Pool {
     if (noncoherent()) visibility::flush_range(block_data(i), geo_.block_bytes);
   }
   // Invalidate before reading what another host may have written (noncoherent only).
-  void fresh(const void* p, size_t n) const noexcept {
+  // Under the lock this is also the fence: it throws kMemberLost when this
+  // handle no longer holds the lock (stopped past its lease and taken over), so
+  // that the access that follows -- a read, or the write it precedes -- never happens.
+  void fresh(const void* p, size_t n) const {
     if (noncoherent()) refresh(p, n);
   }
-  void refresh(const void* p, size_t n) const noexcept;
+  void refresh(const void* p, size_t n) const;
+  [[noreturn]] void lost_lock() const;
   void attach_member();
   bool claim_slot(uint32_t slot, uint64_t start_time);
   RecoveryReport do_recover();
@@ -224,7 +228,7 @@ class Pool {
   uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
   bool try_claim(uint64_t index, uint64_t* handle_out);
   bool try_evict(uint64_t index, uint64_t* handle_out);
-  void release_claims(const uint64_t* handles, size_t n) noexcept;
+  void release_claims(const uint64_t* handles, size_t n);
 
   struct Found {
     uint64_t pos = 0, index = 0;
@@ -234,9 +238,9 @@ class Pool {
   enum class Insert { kInserted, kPresent, kFull };
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
-  void remove_entry(uint64_t index, uint32_t gen) noexcept;
+  void remove_entry(uint64_t index, uint32_t gen);
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
-  void unpin(uint64_t index) noexcept;
+  void unpin(uint64_t index);
   void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
   void flush(const void* p, size_t n) const noexcept;
 
@@ -301,6 +305,9 @@ class Pool {
   mutable std::recursive_mutex lock_mu_;
   mutable uint32_t lock_depth_ = 0;
   mutable HostLock lock_;
+  // Set when this handle found it lost the lock inside an operation: it is no
+  // longer a usable member (ensure_usable raises kMemberLost); close() still leaves.
+  mutable std::atomic<bool> fenced_{false};
 
   mutable std::mutex pin_mu_;
   std::vector<uint32_t> pin_count_;  // this member's pins per block
