@@ -503,7 +503,7 @@ TEST_F(SuperblockTest, OpenRejectsWithoutWriting) {
   const Case cases[] = {
       {"next version", kLayoutVersion + 1, false, ErrorCode::kLayoutMismatch},
       {"version 0", 0, false, ErrorCode::kInitializing},
-      {"checksum", 1, true, ErrorCode::kCorrupt},
+      {"checksum", kLayoutVersion, true, ErrorCode::kCorrupt},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);

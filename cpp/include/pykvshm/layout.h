@@ -232,9 +232,11 @@ static_assert(offsetof(Channel, ready) == 8);
 static_assert(offsetof(Channel, req_key) == 16);
 static_assert(offsetof(Channel, num_blocks) == 48);
 
-// Index entry: 0 = empty, 1 = tombstone, otherwise
+// Index entry: 0 = empty, 1 = tombstone, 2 = tombstone being cleared (index.md,
+// "Reclaiming tombstones"; read as a tombstone), otherwise
 //   1:1 | fingerprint:15 | gen:20 | block index:28
 inline constexpr uint64_t kEntryEmpty = 0;
 inline constexpr uint64_t kEntryTomb = 1;
+inline constexpr uint64_t kEntryClearing = 2;
 
 }  // namespace pykvshm::layout

@@ -163,6 +163,10 @@ class Pool {
   // ---- maintenance ----
   RecoveryReport recover();
   Stats stats() const;
+  struct IndexCensus {
+    uint64_t empty = 0, tombstones = 0, live = 0, clearing = 0, other = 0;
+  };
+  IndexCensus index_census() const;  // slot kinds of the prefix index (tests, benchmarks)
   std::vector<MemberInfo> members() const;
   void check(bool strict) const;  // throws kCorrupt naming the first violation
   void add_counter(layout::Counter c, uint64_t v);
@@ -239,6 +243,13 @@ class Pool {
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
   void remove_entry(uint64_t index, uint32_t gen);
+  // Turns tombstones back into empty slots where no lookup needs to pass them:
+  // the one at `pos` and the run just before it (index.md, "Reclaiming tombstones").
+  void reclaim_tombstones(uint64_t pos);
+  bool try_reclaim(uint64_t pos);
+  // After an insert at my_pos: false when a slot between the key's home and
+  // my_pos became empty (a concurrent reclaim), so the entry may be unreachable.
+  bool reachable(uint64_t home, uint64_t my_pos);
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
   void unpin(uint64_t index);
   void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
