@@ -142,6 +142,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("lines_invalidated", &pykvshm::visibility::lines_invalidated);
   m.def("process_start_time", &pykvshm::process_start_time);
   m.def("local_host_id", &pykvshm::local_host_id);
+  m.def("proc_shows_own_pids", &pykvshm::proc_shows_own_pids);
   m.def("validate_superblock", [](py::bytes data, uint64_t file_size, const std::string& name) {
     std::string s = data;
     pykvshm::validate_superblock(reinterpret_cast<const uint8_t*>(s.data()), s.size(), file_size, name);

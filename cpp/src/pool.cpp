@@ -164,6 +164,17 @@ uint64_t process_start_time(uint32_t pid) {
   return st;
 }
 
+bool proc_shows_own_pids() {
+  // /proc names processes by the pids of the namespace it was mounted for.  In a
+  // PID namespace that kept its parent's /proc (unshare --pid without
+  // --mount-proc), /proc/self is our pid *there*, not getpid().
+  char buf[32];
+  ssize_t n = ::readlink("/proc/self", buf, sizeof buf - 1);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  return std::strtoull(buf, nullptr, 10) == uint64_t(getpid());
+}
+
 uint64_t local_host_id() {
   // One host = one kernel boot and one PID namespace: a pid means something only
   // to processes that share both.
@@ -174,6 +185,14 @@ uint64_t local_host_id() {
   uint64_t ns = stat("/proc/self/ns/pid", &st) == 0 ? uint64_t(st.st_ino) : 0;
   uint64_t h = fnv1a(boot);
   h = fnv1a(std::to_string(ns), h);
+  // When /proc cannot check our pids (it belongs to another PID namespace), no
+  // process may judge us by pid: each such process is a "host" of its own, and
+  // its liveness is its heartbeat (recovery.md).
+  if (!proc_shows_own_pids()) {
+    char self[32] = {};
+    ssize_t n = ::readlink("/proc/self", self, sizeof self - 1);
+    h = fnv1a("foreign-proc:" + std::to_string(getpid()) + ":" + std::string(self, n > 0 ? size_t(n) : 0), h);
+  }
   return h ? h : 1;
 }
 

@@ -329,6 +329,7 @@ enum class ProcState { kAlive, kGone, kUnknown };  // kGone includes zombies
 ProcState process_state(uint32_t pid, uint64_t* start_time);
 uint64_t process_start_time(uint32_t pid);  // 0 when the process does not exist (or is a zombie)
 uint64_t local_host_id();
+bool proc_shows_own_pids();  // false in a PID namespace that kept another namespace's /proc
 uint64_t realtime_ns();
 
 }  // namespace pykvshm
