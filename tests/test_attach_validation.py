@@ -136,7 +136,7 @@ def test_random_bytes_are_not_a_pool(pool_path: str) -> None:
 def test_random_bytes_behind_a_valid_magic_are_corrupt(pool_path: str) -> None:
     buf = bytearray(np.random.default_rng(2).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
     buf[0:8] = b"PYKVSHM\0"
-    struct.pack_into("<I", buf, VERSION_AT, 1)
+    struct.pack_into("<I", buf, VERSION_AT, LAYOUT["layout_version"])
     Path(pool_path).write_bytes(bytes(buf))
     assert_rejected(pool_path, E.CorruptPoolError, "superblock")
 
@@ -167,11 +167,12 @@ def test_directory_is_not_a_pool(tmp_path: Path) -> None:
 
 def test_newer_layout_version_is_refused(pool_file: str) -> None:
     def edit(buf: bytearray) -> None:
-        struct.pack_into("<I", buf, VERSION_AT, 2)
+        struct.pack_into("<I", buf, VERSION_AT, LAYOUT["layout_version"] + 1)
         fix_checksum(buf)
 
     patch(pool_file, edit)
-    assert_rejected(pool_file, E.LayoutMismatchError, "layout version 2", "layout version 1", "recreate")
+    assert_rejected(pool_file, E.LayoutMismatchError, f"layout version {LAYOUT['layout_version'] + 1}",
+                    f"layout version {LAYOUT['layout_version']}", "recreate")
 
 
 class _CreatorAtWork:
@@ -205,7 +206,7 @@ def test_initialising_pool_opens_once_published(pool_file: str, spec: pykvshm.KV
     with _CreatorAtWork(pool_file):
         with pytest.raises(E.PoolInitializingError):
             pykvshm.Pool.open(pool_file)
-        patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, 1))
+        patch(pool_file, lambda buf: struct.pack_into("<I", buf, VERSION_AT, LAYOUT["layout_version"]))
     pykvshm.Pool.open(pool_file, spec=spec).close()
 
 

@@ -7,7 +7,7 @@ from pykvshm import _core
 BUMP = "on-media layout changed: bump layout::kLayoutVersion and update docs/design/layout.md"
 
 EXPECTED = {
-    "layout_version": 1,
+    "layout_version": 2,
     "page_bytes": 4096,
     "data_align": 2 << 20,
     "block_align": 64,
@@ -20,6 +20,8 @@ EXPECTED = {
     "sizeof_block_desc": 64,
     "sizeof_geometry": 40,
     "sizeof_channel": 128,
+    "sizeof_host_line": 128,
+    "lock_hosts": 16,
     "transfer_channels": 128,
     "transfer_max_blocks_cap": 4096,
 }
@@ -51,10 +53,18 @@ EXPECTED_OFFSETS = {
     "control.retired": 1024,
     "control.join": 1152,
     "control.hosts": 1280,
+    "join_line.owner": 0,
+    "join_line.since_ns": 8,
+    "join_line.host_id": 16,
+    "join_line.pid": 24,
+    "join_line.lines_used": 32,
+    "host_line.host_id": 0,
     "host_line.ticket": 8,
     "host_line.local": 16,
     "host_line.heartbeat_ns": 24,
     "host_line.choosing": 32,
+    "host_line.hold_ns": 40,
+    "host_line.hold_lease_ns": 48,
     "member.ctl": 0,
     "member.start_time": 8,
     "member.host_id": 16,

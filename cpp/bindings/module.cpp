@@ -48,6 +48,8 @@ py::dict layout_info() {
   d["sizeof_block_desc"] = sizeof(BlockDesc);
   d["sizeof_geometry"] = sizeof(Geometry);
   d["sizeof_channel"] = sizeof(Channel);
+  d["sizeof_host_line"] = sizeof(HostLine);
+  d["lock_hosts"] = kLockHosts;
   d["transfer_channels"] = kTransferChannels;
   d["transfer_max_blocks_cap"] = kTransferMaxBlocksCap;
   py::dict off;
@@ -66,6 +68,14 @@ py::dict layout_info() {
   off["superblock.index_probe_limit"] = offsetof(Superblock, index_probe_limit);
   off["superblock.transfer_max_blocks"] = offsetof(Superblock, transfer_max_blocks);
   off["control.channel_event"] = offsetof(Control, channel_event);
+  off["join_line.owner"] = offsetof(JoinLine, owner);
+  off["join_line.since_ns"] = offsetof(JoinLine, since_ns);
+  off["join_line.host_id"] = offsetof(JoinLine, host_id);
+  off["join_line.pid"] = offsetof(JoinLine, pid);
+  off["join_line.lines_used"] = offsetof(JoinLine, lines_used);
+  off["host_line.host_id"] = offsetof(HostLine, host_id);
+  off["host_line.hold_ns"] = offsetof(HostLine, hold_ns);
+  off["host_line.hold_lease_ns"] = offsetof(HostLine, hold_lease_ns);
   off["channel.ctl"] = offsetof(Channel, ctl);
   off["channel.ready"] = offsetof(Channel, ready);
   off["channel.waiters"] = offsetof(Channel, waiters);
@@ -132,6 +142,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("lines_invalidated", &pykvshm::visibility::lines_invalidated);
   m.def("process_start_time", &pykvshm::process_start_time);
   m.def("local_host_id", &pykvshm::local_host_id);
+  m.def("proc_shows_own_pids", &pykvshm::proc_shows_own_pids);
   m.def("validate_superblock", [](py::bytes data, uint64_t file_size, const std::string& name) {
     std::string s = data;
     pykvshm::validate_superblock(reinterpret_cast<const uint8_t*>(s.data()), s.size(), file_size, name);

@@ -206,6 +206,21 @@ void register_pool(py::module_& m) {
              py::gil_scoped_release rel;
              p.debug_hold_lock();
            })
+      .def("index_census",
+           [](const Pool& p) {
+             Pool::IndexCensus c;
+             {
+               py::gil_scoped_release rel;
+               c = p.index_census();
+             }
+             py::dict d;
+             d["empty"] = c.empty;
+             d["tombstones"] = c.tombstones;
+             d["live"] = c.live;
+             d["clearing"] = c.clearing;
+             d["other"] = c.other;
+             return d;
+           })
       .def("lock_stats",
            [](const Pool& p) {
              Pool::Call call(p);

@@ -22,6 +22,7 @@ bool Pool::try_claim(uint64_t i, uint64_t* h) {
   Atomic64& sw = state(i);
   uint64_t s = sw.load(std::memory_order_relaxed);
   if (word::kind(s) != kFree) return false;
+  if (word::gen(s) == word::kGenLast) return false;  // retired: its generations are spent
   uint32_t g = word::gen(s) + 1;
   // SYNC POINT: block-claim.  Acquire pairs with the release that freed it, so
   // the previous holder's accesses happen-before ours.
@@ -52,6 +53,12 @@ bool Pool::try_evict(uint64_t i, uint64_t* h) {
   }
   remove_entry(i, g);
   uint64_t e = evicting;
+  if (g == word::kGenLast) {
+    // Its generations are spent: retire it (FREE at the last generation, never claimed again).
+    write_back_block(i);
+    if (sw.cas(e, word::state(g, kFree, 0), std::memory_order_acq_rel)) flush(&sw, 8);
+    return false;
+  }
   const uint32_t g2 = g + 1;
   if (!sw.cas(e, word::state(g2, kWriting, slot_), std::memory_order_acq_rel)) return false;
   flush(&sw, 8);
@@ -111,7 +118,7 @@ uint64_t Pool::scan_evict(size_t want, uint64_t* out, size_t have) {
   return got;
 }
 
-void Pool::release_claims(const uint64_t* handles, size_t n) noexcept {
+void Pool::release_claims(const uint64_t* handles, size_t n) {
   for (size_t j = 0; j < n; ++j) {
     uint64_t i = word::handle_index(handles[j]);
     uint32_t g = word::handle_gen(handles[j]);

@@ -65,7 +65,7 @@ void Pool::check(bool strict, bool checksums) const {
   for (uint64_t pos = 0; pos < nslots_; ++pos) {
     uint64_t e = entry(pos).load(std::memory_order_acquire);
     if (!word::entry_live(e)) {
-      if (e != kEntryEmpty && e != kEntryTomb) fail("index slot " + std::to_string(pos) + " holds garbage");
+      if (e != kEntryEmpty && e != kEntryTomb && e != kEntryClearing) fail("index slot " + std::to_string(pos) + " holds garbage");
       continue;
     }
     uint64_t i = word::entry_index(e);

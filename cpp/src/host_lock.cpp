@@ -23,10 +23,30 @@ namespace {
 // reading the line free and its write reaching the device (coherence.md).
 constexpr uint64_t kJoinSettleNs = 20'000'000ull;
 constexpr uint64_t kBeatEveryNs = 50'000'000ull;
+// A holder writes its hold stamp back at most this often while it makes progress.
+constexpr uint64_t kRenewEveryNs = 20'000'000ull;
+// A lease a holder declares is honoured up to this long (a larger value in the
+// pool is garbage, and must not make anyone wait longer).
+constexpr uint64_t kMaxHoldLeaseNs = 60'000'000'000ull;
+// Tickets grow by one per contended acquisition: a ticket this large is garbage
+// (taking max + 1 of it could wrap to 0, "not competing").
+constexpr uint64_t kMaxTicket = 1ull << 62;
 
 // Everything a host line says fits in its first 64 bytes (one cache line).
 void fresh(const void* p) noexcept { visibility::invalidate_range(p, 64); }
 void publish(const void* p) noexcept { visibility::flush_range(p, 64); }
+
+uint64_t monotonic_ns() noexcept {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch())
+                      .count());
+}
+
+// Older than `lease`, or in the future by more than `lease` (clocks agree far
+// better than a lease: such a stamp is corrupt, and must not hold anyone up).
+bool stale_by(uint64_t stamp, uint64_t now, uint64_t lease) noexcept {
+  return now >= stamp ? now - stamp > lease : stamp - now > lease;
+}
 
 }  // namespace
 
@@ -46,7 +66,23 @@ uint32_t HostLock::lines_used() const noexcept {
   return uint32_t(std::min<uint64_t>(ctl_->join.lines_used.load(std::memory_order_seq_cst), kLockHosts));
 }
 
-bool HostLock::stale(uint64_t hb, uint64_t now) const noexcept { return now > hb && now - hb > lease_ns_; }
+bool HostLock::stale(uint64_t stamp, uint64_t now) const noexcept { return stale_by(stamp, now, lease_ns_); }
+
+// A holder is given the longer of the waiter's lease and the one it declared
+// (capped), so a waiter with a short lease never passes over a holder that has
+// not yet fenced itself at half of its own.
+uint64_t HostLock::effective_lease(const HostLine& l) const noexcept {
+  return std::max(lease_ns_, std::min(l.hold_lease_ns.load(std::memory_order_relaxed), kMaxHoldLeaseNs));
+}
+
+uint64_t HostLock::fence_ns() const noexcept { return std::min(lease_ns_, kMaxHoldLeaseNs) / 2; }
+
+bool HostLock::competing(const HostLine& l, uint64_t now) const noexcept {
+  if (l.ticket.load(std::memory_order_seq_cst) >= kMaxTicket) return false;  // garbage
+  // Its hold, not its host's heartbeat, decides: another process of a stopped
+  // holder's host keeps the host line beating.
+  return !stale_by(l.hold_ns.load(std::memory_order_relaxed), now, effective_lease(l));
+}
 
 bool HostLock::local_holder_dead(uint64_t holder) const {
   const uint32_t pid = uint32_t(holder >> 32);
@@ -147,6 +183,8 @@ void HostLock::join() {
       l.ticket.store(0, std::memory_order_relaxed);
       l.choosing.store(0, std::memory_order_relaxed);
       l.local.store(0, std::memory_order_relaxed);
+      l.hold_ns.store(0, std::memory_order_relaxed);
+      l.hold_lease_ns.store(0, std::memory_order_relaxed);
       l.heartbeat_ns.store(t, std::memory_order_relaxed);
       l.host_id.store(host_id_, std::memory_order_release);
       publish(&l);
@@ -165,73 +203,138 @@ void HostLock::join() {
   }
 }
 
-void HostLock::wait_turn(uint32_t j, uint64_t mine) {
+HostLock::Turn HostLock::wait_turn(uint32_t j, uint64_t mine) {
   const uint32_t me = line();
   for (uint32_t spins = 0;; pause(spins)) {
+    // A waiter silent for half its lease may have been passed over: take a new ticket.
+    if (!renew()) return Turn::kRestart;
     HostLine& l = host(j);
     fresh(&l);
-    if (l.host_id.load(std::memory_order_acquire) == 0) return;
-    const uint64_t hb = l.heartbeat_ns.load(std::memory_order_relaxed);
-    if (stale(hb, realtime_ns())) {
-      ++skipped_;  // a dead host: whatever it holds, it no longer competes
-      return;
-    }
-    if (l.choosing.load(std::memory_order_seq_cst)) continue;
+    if (l.host_id.load(std::memory_order_acquire) == 0) return Turn::kOurs;
+    const uint32_t c = l.choosing.load(std::memory_order_seq_cst);
     const uint64_t t = l.ticket.load(std::memory_order_seq_cst);
-    if (t == 0 || t > mine || (t == mine && j > me)) return;
+    if (t == 0 && c == 0) return Turn::kOurs;
+    if (!competing(l, realtime_ns())) {
+      ++skipped_;  // a dead, stopped or corrupt line: whatever it holds, it no longer competes
+      return Turn::kOurs;
+    }
+    if (c) continue;
+    if (t == 0 || t > mine || (t == mine && j > me)) return Turn::kOurs;
+  }
+}
+
+void HostLock::start_hold(HostLine& l) noexcept {
+  const uint64_t now = realtime_ns();
+  renewed_ns_ = now;
+  if (!ours(l)) return;
+  l.hold_lease_ns.store(std::min(lease_ns_, kMaxHoldLeaseNs), std::memory_order_relaxed);
+  l.hold_ns.store(now, std::memory_order_release);
+  publish(&l);
+}
+
+bool HostLock::renew() noexcept {
+  const uint32_t me = line();
+  if (me >= kLockHosts) return false;
+  HostLine& l = host(me);
+  if (!ours(l)) return false;  // another process of this host took the lock over
+  const uint64_t now = realtime_ns();
+  if (now >= renewed_ns_ && now - renewed_ns_ > fence_ns()) return false;  // silent too long: maybe passed over
+  if (now < renewed_ns_ || now - renewed_ns_ >= kRenewEveryNs) {
+    renewed_ns_ = now;
+    l.hold_ns.store(now, std::memory_order_release);
+    publish(&l);
+  }
+  return true;
+}
+
+bool HostLock::take_local(HostLine& l) {
+  uint64_t seen = 0, seen_since = 0;
+  for (uint32_t spins = 0;; pause(spins)) {
+    uint64_t cur = l.local.load(std::memory_order_acquire);
+    if (cur == 0) {
+      if (l.local.cas(cur, token_, std::memory_order_acq_rel)) return false;
+      continue;
+    }
+    if (cur == token_) return false;
+    const uint64_t mono = monotonic_ns();
+    if (cur != seen) {
+      seen = cur;
+      seen_since = mono;
+    }
+    if ((spins & 15) != 15) continue;
+    // Taken over: a holder whose process is gone, or one that has held the
+    // same word for a lease (by our own observation) without renewing its hold
+    // (stopped, hung, or a corrupt word naming some live process).
+    const uint64_t lease = effective_lease(l);
+    const bool silent = mono - seen_since > lease && stale_by(l.hold_ns.load(std::memory_order_acquire), realtime_ns(), lease);
+    if ((silent || local_holder_dead(cur)) && l.local.cas(cur, token_, std::memory_order_acq_rel)) {
+      ++takeovers_;
+      return true;
+    }
   }
 }
 
 bool HostLock::lock() {
-  uint32_t me = line();
-  // Our line may have been taken by another host if this host was silent past
-  // the lease (then it was declared dead): join again.
-  if (me >= kLockHosts || (fresh(&host(me)), host(me).host_id.load(std::memory_order_acquire) != host_id_)) {
-    join();
-    me = line();
-  }
-  HostLine& l = host(me);
-  // Tier 1: one process of this host at a time.
   bool took_over = false;
-  for (uint32_t spins = 0;; pause(spins)) {
-    uint64_t cur = l.local.load(std::memory_order_acquire);
-    if (cur == 0) {
-      if (l.local.cas(cur, token_, std::memory_order_acq_rel)) break;
-      continue;
+  for (;;) {
+    uint32_t me = line();
+    // Our line may have been taken by another host if this host was silent past
+    // the lease (then it was declared dead): join again.
+    if (me >= kLockHosts || (fresh(&host(me)), host(me).host_id.load(std::memory_order_acquire) != host_id_)) {
+      join();
+      me = line();
     }
-    if ((spins & 15) == 15 && local_holder_dead(cur) && l.local.cas(cur, token_, std::memory_order_acq_rel)) {
-      took_over = true;
-      ++takeovers_;
-      break;
+    HostLine& l = host(me);
+    // Tier 1: one process of this host at a time.
+    if (take_local(l)) took_over = true;
+    start_hold(l);
+    // Tier 2: the bakery among hosts (seq_cst: the bakery needs every store to be
+    // ordered before the loads that follow it; on x86 invalidate_range fences too).
+    // Only lines ever claimed take part.  A host that claims a line after our
+    // first look is seen by the second (after our doorway), as the bakery needs.
+    // Every write to our line is made only while `local` is still ours.
+    while (ours(l)) {
+      l.choosing.store(1, std::memory_order_seq_cst);
+      publish(&l);
+      uint64_t top = 0;
+      const uint64_t now = realtime_ns();
+      for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
+        if (j == me) continue;
+        HostLine& o = host(j);
+        fresh(&o);
+        if (o.host_id.load(std::memory_order_acquire) == 0) continue;
+        const uint64_t t = o.ticket.load(std::memory_order_seq_cst);
+        if (t != 0 && competing(o, now)) top = std::max(top, t);
+      }
+      if (!ours(l)) break;
+      const uint64_t mine = top + 1;
+      l.ticket.store(mine, std::memory_order_seq_cst);
+      publish(&l);
+      l.choosing.store(0, std::memory_order_seq_cst);
+      publish(&l);
+      bool restart = false;
+      for (uint32_t j = 0, used = lines_used(); j < used && !restart; ++j)
+        if (j != me) restart = wait_turn(j, mine) == Turn::kRestart;
+      if (!restart && renew()) {
+        ++acquisitions_;
+        return took_over;
+      }
+      // We were silent for half a lease while waiting (stopped?): the others may
+      // have passed our ticket over.  Withdraw it and queue again.
+      if (!ours(l)) break;
+      l.ticket.store(0, std::memory_order_seq_cst);
+      publish(&l);
+      start_hold(l);
     }
+    // Another process of this host took `local` over while we were silent.
   }
-  // Tier 2: the bakery among hosts (seq_cst: the bakery needs every store to be
-  // ordered before the loads that follow it; on x86 invalidate_range fences too).
-  // Only lines ever claimed take part.  A host that claims a line after our
-  // first look is seen by the second (after our doorway), as the bakery needs.
-  l.choosing.store(1, std::memory_order_seq_cst);
-  publish(&l);
-  uint64_t top = 0;
-  for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
-    if (j == me) continue;
-    fresh(&host(j));
-    if (host(j).host_id.load(std::memory_order_acquire) != 0) top = std::max(top, host(j).ticket.load(std::memory_order_seq_cst));
-  }
-  const uint64_t mine = top + 1;
-  l.ticket.store(mine, std::memory_order_seq_cst);
-  publish(&l);
-  l.choosing.store(0, std::memory_order_seq_cst);
-  publish(&l);
-  for (uint32_t j = 0, used = lines_used(); j < used; ++j)
-    if (j != me) wait_turn(j, mine);
-  ++acquisitions_;
-  return took_over;
 }
 
 void HostLock::unlock() noexcept {
   const uint32_t me = line();
   if (me >= kLockHosts) return;
   HostLine& l = host(me);
+  if (!ours(l)) return;  // taken over meanwhile: the line is someone else's now
   l.ticket.store(0, std::memory_order_seq_cst);
   publish(&l);
   uint64_t cur = token_;

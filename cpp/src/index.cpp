@@ -28,7 +28,7 @@ bool Pool::lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const {
   const uint64_t mask = nslots_ - 1;
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
     const uint64_t pos = (h + d) & mask;
-    const uint64_t e = entry(pos).load(std::memory_order_acquire);
+    const uint64_t e = entry(pos).load(std::memory_order_seq_cst);
     if (e == kEntryEmpty) return false;
     if (!word::entry_live(e) || word::entry_fp(e) != fp) continue;
     const uint64_t i = word::entry_index(e);
@@ -64,7 +64,12 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
   uint32_t my_dist = kIndexProbeLimit;
   for (uint32_t d = 0, retries = 0; d < kIndexProbeLimit; ++d) {
     const uint64_t pos = (h + d) & mask;
-    uint64_t e = entry(pos).load(std::memory_order_acquire);
+    uint64_t e = entry(pos).load(std::memory_order_seq_cst);
+    if (e == kEntryClearing) {
+      // A reclaim in progress (or one whose process died): abort it, use the slot as a tombstone.
+      if (entry(pos).cas(e, kEntryTomb, std::memory_order_seq_cst)) flush(&entry(pos), 8);
+      e = entry(pos).load(std::memory_order_seq_cst);
+    }
     bool reusable = e == kEntryEmpty || e == kEntryTomb;
     if (!reusable && word::entry_live(e)) {
       const uint64_t j = word::entry_index(e);
@@ -82,6 +87,16 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
     // this CAS; a reader that loads the entry with acquire sees the key.
     if (entry(pos).cas(e, mine, std::memory_order_seq_cst)) {
       flush(&entry(pos), 8);
+      if (!reachable(h & mask, pos)) {
+        // A reclaim emptied a slot before ours: lookups would stop there.  Withdraw and look again.
+        uint64_t e2 = mine;
+        if (entry(pos).cas(e2, kEntryTomb, std::memory_order_seq_cst)) flush(&entry(pos), 8);
+        if (++retries < 8) {
+          d = uint32_t(-1);
+          continue;
+        }
+        break;
+      }
       my_pos = pos;
       my_dist = d;
       break;
@@ -118,7 +133,88 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
   return Insert::kInserted;
 }
 
-void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
+// Reclaiming tombstones (index.md).  A tombstone at p can become empty when
+// no live entry within the probe limit after it lies on a probe sequence
+// through p (its home is after p), so no lookup needs to pass p.  Three steps:
+// TOMB -> CLEARING; scan forward to the next empty slot checking each live
+// entry's home; CLEARING -> EMPTY (or back to TOMB).  An inserter that meets
+// CLEARING aborts it (-> TOMB); after placing its entry it re-reads the slots
+// between the key's home and its entry backwards (reachable()), so a reclaim
+// that emptied one of them meanwhile is seen and the insert is redone.  All of
+// these are seq_cst (index.md has the argument).
+bool Pool::try_reclaim(uint64_t p) {
+  const uint64_t mask = nslots_ - 1;
+  uint64_t e = entry(p).load(std::memory_order_seq_cst);
+  if (e != kEntryTomb || !entry(p).cas(e, kEntryClearing, std::memory_order_seq_cst)) return false;
+  flush(&entry(p), 8);
+  bool ok = true;
+  for (uint64_t d = 1; d < kIndexProbeLimit && ok; ++d) {
+    const uint64_t q = (p + d) & mask;
+    const uint64_t f = entry(q).load(std::memory_order_seq_cst);
+    if (f == kEntryEmpty) break;
+    if (!word::entry_live(f)) continue;  // tombstones (and garbage) are passed by lookups, never ended at
+    const uint64_t i = word::entry_index(f);
+    if (i >= nblocks_) continue;  // never matches anything
+    const uint64_t s1 = state(i).load(std::memory_order_acquire);
+    if (!word::entry_gen_matches(f, word::gen(s1)) || word::kind(s1) == kFree) continue;  // a dead entry
+    const uint64_t k0 = desc(i).key[0].load(std::memory_order_relaxed);
+    const uint64_t k1 = desc(i).key[1].load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if ((s1 ^ state(i).load(std::memory_order_relaxed)) & ~word::kRefBit) {
+      ok = false;  // the block moved while we read its key: keep the tombstone
+      break;
+    }
+    const uint64_t home = word::key_hash(k0, k1) & mask;
+    if (((q - home) & mask) >= d) ok = false;  // its probe sequence passes p
+  }
+  uint64_t c = kEntryClearing;
+  const bool done = entry(p).cas(c, ok ? kEntryEmpty : kEntryTomb, std::memory_order_seq_cst);
+  flush(&entry(p), 8);
+  return done && ok;
+}
+
+void Pool::reclaim_tombstones(uint64_t pos) {
+  // The new tombstone, and the run of tombstones just before it (the entry
+  // just removed may have been the last one that needed them).
+  const uint64_t mask = nslots_ - 1;
+  for (uint32_t step = 0; step < 8; ++step, pos = (pos - 1) & mask) {
+    if (entry(pos).load(std::memory_order_seq_cst) != kEntryTomb) return;
+    try_reclaim(pos);
+  }
+}
+
+bool Pool::reachable(uint64_t home, uint64_t my_pos) {
+  const uint64_t mask = nslots_ - 1;
+  for (uint64_t pos = (my_pos - 1) & mask, n = (my_pos - home) & mask; n > 0; --n, pos = (pos - 1) & mask) {
+    uint64_t e = entry(pos).load(std::memory_order_seq_cst);
+    if (e == kEntryClearing) {
+      if (entry(pos).cas(e, kEntryTomb, std::memory_order_seq_cst)) {
+        flush(&entry(pos), 8);
+        continue;
+      }
+      e = entry(pos).load(std::memory_order_seq_cst);
+    }
+    if (e == kEntryEmpty) return false;
+  }
+  return true;
+}
+
+Pool::IndexCensus Pool::index_census() const {
+  Exclusive ex(this);
+  ensure_open();
+  IndexCensus c;
+  for (uint64_t pos = 0; pos < nslots_; ++pos) {
+    const uint64_t e = entry(pos).load(std::memory_order_relaxed);
+    if (e == kEntryEmpty) ++c.empty;
+    else if (e == kEntryTomb) ++c.tombstones;
+    else if (e == kEntryClearing) ++c.clearing;
+    else if (word::entry_live(e)) ++c.live;
+    else ++c.other;
+  }
+  return c;
+}
+
+void Pool::remove_entry(uint64_t index, uint32_t gen) {
   const uint64_t k0 = desc(index).key[0].load(std::memory_order_relaxed);
   const uint64_t k1 = desc(index).key[1].load(std::memory_order_relaxed);
   const uint64_t h = word::key_hash(k0, k1);
@@ -128,19 +224,21 @@ void Pool::remove_entry(uint64_t index, uint32_t gen) noexcept {
     uint64_t e = entry(pos).load(std::memory_order_acquire);
     if (e == kEntryEmpty) return;
     if (word::entry_live(e) && word::entry_index(e) == index && word::entry_gen_matches(e, gen)) {
-      entry(pos).cas(e, kEntryTomb, std::memory_order_acq_rel);
-      flush(&entry(pos), 8);
+      if (entry(pos).cas(e, kEntryTomb, std::memory_order_seq_cst)) {
+        flush(&entry(pos), 8);
+        reclaim_tombstones(pos);
+      }
       return;
     }
   }
 }
 
-bool Pool::withdrawn(uint64_t i, uint64_t s) const noexcept {
+bool Pool::withdrawn(uint64_t i, uint64_t s) const {
   const uint32_t f = desc(i).desc_flags.load(std::memory_order_relaxed);
   return (f & kDescWithdrawn) && (f & kDescGenMask) == (word::gen(s) & kDescGenMask);
 }
 
-bool Pool::withdraw(uint64_t i, uint32_t g) noexcept {
+bool Pool::withdraw(uint64_t i, uint32_t g) {
   Atomic64& sw = state(i);
   uint64_t s = sw.load(std::memory_order_acquire);
   if (word::kind(s) != kSealed || word::gen(s) != g) return false;  // already evicted or withdrawn
@@ -299,7 +397,7 @@ bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
   return false;
 }
 
-void Pool::unpin(uint64_t i) noexcept {
+void Pool::unpin(uint64_t i) {
   // Caller holds pin_mu_.
   if (pin_count_[i] == 0) return;
   if (--pin_count_[i] == 0) {

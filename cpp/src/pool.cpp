@@ -174,6 +174,17 @@ uint64_t process_start_time(uint32_t pid) {
   return st;
 }
 
+bool proc_shows_own_pids() {
+  // /proc names processes by the pids of the namespace it was mounted for.  In a
+  // PID namespace that kept its parent's /proc (unshare --pid without
+  // --mount-proc), /proc/self is our pid *there*, not getpid().
+  char buf[32];
+  ssize_t n = ::readlink("/proc/self", buf, sizeof buf - 1);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  return std::strtoull(buf, nullptr, 10) == uint64_t(getpid());
+}
+
 uint64_t local_host_id() {
   // One host = one kernel boot and one PID namespace: a pid means something only
   // to processes that share both.
@@ -184,6 +195,14 @@ uint64_t local_host_id() {
   uint64_t ns = stat("/proc/self/ns/pid", &st) == 0 ? uint64_t(st.st_ino) : 0;
   uint64_t h = fnv1a(boot);
   h = fnv1a(std::to_string(ns), h);
+  // When /proc cannot check our pids (it belongs to another PID namespace), no
+  // process may judge us by pid: each such process is a "host" of its own, and
+  // its liveness is its heartbeat (recovery.md).
+  if (!proc_shows_own_pids()) {
+    char self[32] = {};
+    ssize_t n = ::readlink("/proc/self", self, sizeof self - 1);
+    h = fnv1a("foreign-proc:" + std::to_string(getpid()) + ":" + std::string(self, n > 0 ? size_t(n) : 0), h);
+  }
   return h ? h : 1;
 }
 
@@ -376,6 +395,7 @@ void Pool::ensure_usable() {
   if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
     raise(ErrorCode::kForked, "this pool handle was opened before fork(); open the pool again in the child process");
   if (read_only_) raise_read_only();
+  if (fenced_.load(std::memory_order_relaxed)) lost_lock();
   if (!still_member())
     raise(ErrorCode::kMemberLost, "this pool handle was declared dead by another member (heartbeat lease expired) and "
                                   "its blocks and pins were reclaimed; open the pool again");
@@ -425,7 +445,13 @@ bool Pool::enter_exclusive() const {
 }
 
 void Pool::leave_exclusive() const noexcept {
-  if (--lock_depth_ == 0 && map_.base()) {
+  // A holder that lost the lock writes nothing back: what it wrote before it
+  // noticed is older than what the new holder writes.
+  if (--lock_depth_ == 0 && map_.base() && !lock_.renew()) {
+    fenced_.store(true, std::memory_order_relaxed);
+    t_held.pool = nullptr;
+    lock_.unlock();  // only if `local` is still ours (then the line is ours to clear)
+  } else if (lock_depth_ == 0 && map_.base()) {
     // Write back what this operation may have changed on the control page and in
     // our own counters (the other lines are written back where they are written).
     Control* c = ctl();
@@ -441,14 +467,25 @@ void Pool::leave_exclusive() const noexcept {
   lock_mu_.unlock();
 }
 
-void Pool::refresh(const void* p, size_t n) const noexcept {
+void Pool::refresh(const void* p, size_t n) const {
   if (t_held.pool != this) {  // outside the lock: every read invalidates
     visibility::invalidate_range(p, n);
     return;
   }
+  // The fence: before every access under the lock, check it is still ours.
+  if (!lock_.renew()) lost_lock();
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     if (t_held.first_time(a)) visibility::invalidate_range(reinterpret_cast<const void*>(a), 64);
+}
+
+void Pool::lost_lock() const {
+  fenced_.store(true, std::memory_order_relaxed);
+  raise(ErrorCode::kMemberLost,
+        "this pool handle lost the noncoherent pool lock: its process was stopped or stalled for longer than the "
+        "lock lease (" + std::to_string(lock_.lease_ns() / 1'000'000) +
+            " ms) inside an operation, so the lock may have passed to another process; the operation stopped before "
+            "its next write. Close this handle and open the pool again");
 }
 
 void Pool::write_back_metadata() const noexcept {
@@ -507,7 +544,7 @@ void Pool::heartbeat() noexcept {
 
 // Counters live on lines only their member writes (a recoverer only after the
 // member is dead); in noncoherent mode they are written back when the lock is left.
-void Pool::add_counter(Counter c, uint64_t v) noexcept {
+void Pool::add_counter(Counter c, uint64_t v) {
   if (v && map_.base() && !read_only_) member(slot_)->counters[c].fetch_add(v, std::memory_order_relaxed);
 }
 

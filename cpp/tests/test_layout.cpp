@@ -1,4 +1,4 @@
-// Pins the on-media layout of a pool (layout version 1) and the checks that
+// Pins the on-media layout of a pool (layout version 2) and the checks that
 // guard it.
 //
 // Every number below is written out by hand from docs/design/layout.md, not
@@ -46,7 +46,7 @@ constexpr const char* kBump = "on-media layout changed: bump layout::kLayoutVers
 
 TEST(LayoutPins, Constants) {
   EXPECT_EQ(std::string(kMagic, sizeof kMagic), std::string("PYKVSHM\0", 8)) << kBump;
-  PIN(kLayoutVersion, 1);
+  PIN(kLayoutVersion, 2);
   PIN(kPageBytes, 4096);
   PIN(kDataAlign, 2 * 1024 * 1024);
   PIN(kBlockAlign, 64);
@@ -164,6 +164,8 @@ TEST(LayoutPins, Control) {
   PIN(offsetof(HostLine, local), 16);
   PIN(offsetof(HostLine, heartbeat_ns), 24);
   PIN(offsetof(HostLine, choosing), 32);
+  PIN(offsetof(HostLine, hold_ns), 40);
+  PIN(offsetof(HostLine, hold_lease_ns), 48);
   PIN(offsetof(Control, pad), 3328);
 }
 
@@ -398,7 +400,7 @@ TEST_F(SuperblockTest, VersionZeroIsInitialising) {
 
 TEST_F(SuperblockTest, NextVersionIsLayoutMismatch) {
   auto img = good_;
-  uint32_t v = kLayoutVersion + 1;  // 2 while this build reads layout 1
+  uint32_t v = kLayoutVersion + 1;  // the next version: not this build's
   std::memcpy(img.data() + offsetof(Superblock, layout_version), &v, 4);
   // The version word is outside the checksum: this image is otherwise valid.
   expect_rejected(img, file_size_, ErrorCode::kLayoutMismatch, ("layout version " + std::to_string(v)).c_str());
@@ -505,7 +507,7 @@ TEST_F(SuperblockTest, OpenRejectsWithoutWriting) {
       {"next version", kLayoutVersion + 1, false, false, ErrorCode::kLayoutMismatch},
       {"version 0, creator at work", 0, false, true, ErrorCode::kInitializing},
       {"version 0, creator gone", 0, false, false, ErrorCode::kCorrupt},
-      {"checksum", 1, true, false, ErrorCode::kCorrupt},
+      {"checksum", kLayoutVersion, true, false, ErrorCode::kCorrupt},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);

@@ -10,6 +10,17 @@
 // the lease is skipped (dead); a local holder whose process is gone is taken
 // over by the next local process.
 //
+// Holder lease and fencing: the process holding a host's `local` word renews
+// the line's `hold_ns` while it makes progress (renew(), called before every
+// metadata access of the holder).  A holder silent past the lease -- dead,
+// stopped or hung -- is taken over by its host's next waiter and passed over by
+// the other hosts' waiters.  A holder checks, before each access, that it
+// still holds `local` and renewed within half the lease; otherwise renew()
+// answers false and the caller must not write (Pool raises kMemberLost).
+// Every lock word read is untrusted: heartbeats and holds in the future beyond
+// a lease, tickets that could overflow, a `choosing` or ticket without a live
+// hold are passed over, so every wait is bounded by about two leases.
+//
 // A HostLock is one process's view; it is not thread-safe (Pool serializes its
 // threads with a mutex around it).
 #pragma once
@@ -31,6 +42,11 @@ class HostLock {
   // (whose writes may still sit unflushed in this host's cache).
   bool lock();
   void unlock() noexcept;
+  // The holder, before each access to shared metadata: true while this handle
+  // still holds the lock and has not been silent for half the lease (then it
+  // renews its hold when due); false when the lock may have passed to another
+  // process: nothing may be written under it any more.
+  bool renew() noexcept;
   void beat() noexcept;  // refresh this host's heartbeat (any thread, any time after join)
   // Whether some process of host `host_id` beat its line within the lease.
   bool host_beating(uint64_t host_id) const noexcept;
@@ -39,14 +55,28 @@ class HostLock {
   uint64_t acquisitions() const noexcept { return acquisitions_; }
   uint64_t takeovers() const noexcept { return takeovers_; }
   uint64_t hosts_skipped() const noexcept { return skipped_; }
+  uint64_t lease_ns() const noexcept { return lease_ns_; }
 
  private:
   layout::HostLine& host(uint32_t j) const { return ctl_->hosts[j]; }
-  bool stale(uint64_t heartbeat_ns, uint64_t now) const noexcept;
+  // A time stamp read from the pool older than the lease, or in the future by
+  // more than a lease (clocks agree far better than that: a corrupt word).
+  bool stale(uint64_t stamp_ns, uint64_t now) const noexcept;
   uint32_t lines_used() const noexcept;
   bool local_holder_dead(uint64_t holder) const;
   bool join_stale(uint64_t now) const;
-  void wait_turn(uint32_t j, uint64_t mine);
+  // Whether line j may still be competing for the lock (a live host, a live hold,
+  // a ticket that is not garbage); false: pass it over.
+  bool competing(const layout::HostLine& l, uint64_t now) const noexcept;
+  uint64_t effective_lease(const layout::HostLine& l) const noexcept;
+  uint64_t fence_ns() const noexcept;  // a holder silent this long fences itself
+  enum class Turn { kOurs, kRestart };
+  Turn wait_turn(uint32_t j, uint64_t mine);
+  bool take_local(layout::HostLine& l);  // tier 1; returns whether it took over from a silent holder
+  bool ours(const layout::HostLine& l) const noexcept {
+    return l.local.load(std::memory_order_acquire) == token_;
+  }
+  void start_hold(layout::HostLine& l) noexcept;
   void pause(uint32_t& spins) noexcept;
 
   layout::Control* ctl_ = nullptr;
@@ -55,6 +85,7 @@ class HostLock {
   std::atomic<uint32_t> line_{layout::kLockHosts};
   std::atomic<uint64_t> last_beat_{0};
   uint64_t acquisitions_ = 0, takeovers_ = 0, skipped_ = 0;
+  uint64_t renewed_ns_ = 0;  // when this handle last proved, as holder, that it runs
 };
 
 }  // namespace pykvshm

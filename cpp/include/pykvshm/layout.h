@@ -1,4 +1,4 @@
-// On-media layout of a pykvshm pool, layout version 1.
+// On-media layout of a pykvshm pool, layout version 2.
 //
 // Everything here is addressed by byte offset from the start of the mapping or by
 // block index; nothing stores a pointer.  docs/design/layout.md draws the picture;
@@ -23,7 +23,7 @@
 namespace pykvshm::layout {
 
 inline constexpr char kMagic[8] = {'P', 'Y', 'K', 'V', 'S', 'H', 'M', '\0'};
-inline constexpr uint32_t kLayoutVersion = 1;
+inline constexpr uint32_t kLayoutVersion = 2;  // 2: HostLine hold_ns / hold_lease_ns (holder lease)
 inline constexpr uint64_t kPageBytes = 4096;
 inline constexpr uint64_t kDataAlign = 2ull << 20;  // 2 MiB: huge pages, device DAX, DMA
 inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a cache line
@@ -134,11 +134,14 @@ struct alignas(128) HostLine {
   Atomic64 heartbeat_ns;  // 24  CLOCK_REALTIME, beaten by every member of the host
   Atomic32 choosing;      // 32  bakery "choosing a number"
   Atomic32 reserved32;    // 36
-  Atomic64 reserved64;    // 40  zero
-  uint8_t pad[80];        // 48 .. 128
+  Atomic64 hold_ns;       // 40  CLOCK_REALTIME at which the `local` holder last proved it runs
+  Atomic64 hold_lease_ns; // 48  the holder's lease: others take over or pass over after this silence
+  uint64_t reserved;      // 56  zero
+  uint8_t pad[64];        // 64 .. 128
 };
 static_assert(sizeof(HostLine) == 128);
 static_assert(offsetof(HostLine, local) == 16 && offsetof(HostLine, choosing) == 32);
+static_assert(offsetof(HostLine, hold_ns) == 40 && offsetof(HostLine, hold_lease_ns) == 48);
 
 // Claiming a free HostLine (once per host): Fischer's timed mutual exclusion.
 struct alignas(128) JoinLine {
@@ -231,9 +234,11 @@ static_assert(offsetof(Channel, ready) == 8);
 static_assert(offsetof(Channel, req_key) == 16);
 static_assert(offsetof(Channel, num_blocks) == 48);
 
-// Index entry: 0 = empty, 1 = tombstone, otherwise
+// Index entry: 0 = empty, 1 = tombstone, 2 = tombstone being cleared (index.md,
+// "Reclaiming tombstones"; read as a tombstone), otherwise
 //   1:1 | fingerprint:15 | gen:20 | block index:28
 inline constexpr uint64_t kEntryEmpty = 0;
 inline constexpr uint64_t kEntryTomb = 1;
+inline constexpr uint64_t kEntryClearing = 2;
 
 }  // namespace pykvshm::layout

@@ -257,11 +257,15 @@ class Pool {
   // ---- maintenance ----
   RecoveryReport recover();
   Stats stats() const;
+  struct IndexCensus {
+    uint64_t empty = 0, tombstones = 0, live = 0, clearing = 0, other = 0;
+  };
+  IndexCensus index_census() const;  // slot kinds of the prefix index (tests, benchmarks)
   std::vector<MemberInfo> members() const;
   // Throws kCorrupt naming the first violation; with `checksums` (a pool created with block
   // checksums) also recomputes every sealed block's CRC and names the blocks that fail.
   void check(bool strict, bool checksums = false) const;
-  void add_counter(layout::Counter c, uint64_t v) noexcept;
+  void add_counter(layout::Counter c, uint64_t v);
   void heartbeat() noexcept;
 
   // Test hook: abandon the handle without running close() (as a crash would).
@@ -299,10 +303,14 @@ class Pool {
     if (noncoherent()) visibility::flush_range(block_data(i), geo_.block_bytes);
   }
   // Invalidate before reading what another host may have written (noncoherent only).
-  void fresh(const void* p, size_t n) const noexcept {
+  // Under the lock this is also the fence: it throws kMemberLost when this
+  // handle no longer holds the lock (stopped past its lease and taken over), so
+  // that the access that follows -- a read, or the write it precedes -- never happens.
+  void fresh(const void* p, size_t n) const {
     if (noncoherent()) refresh(p, n);
   }
-  void refresh(const void* p, size_t n) const noexcept;
+  void refresh(const void* p, size_t n) const;
+  [[noreturn]] void lost_lock() const;
   // open() and open_read_only(): map and validate, copy the bounds from the superblock.
   static std::unique_ptr<Pool> map_validated(const std::string& name, const PoolOptions& opt, const GeometryIn* expect);
   void attach_member();
@@ -323,7 +331,7 @@ class Pool {
   uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
   bool try_claim(uint64_t index, uint64_t* handle_out);
   bool try_evict(uint64_t index, uint64_t* handle_out);
-  void release_claims(const uint64_t* handles, size_t n) noexcept;
+  void release_claims(const uint64_t* handles, size_t n);
 
   struct Found {
     uint64_t pos = 0, index = 0;
@@ -333,13 +341,20 @@ class Pool {
   enum class Insert { kInserted, kPresent, kFull };
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
-  void remove_entry(uint64_t index, uint32_t gen) noexcept;
+  void remove_entry(uint64_t index, uint32_t gen);
   // A sealed block whose bytes failed their checksum: flag it, take it out of the index and free it
   // unless some member pins it (eviction reclaims it once unpinned).  Returns true when freed now.
-  bool withdraw(uint64_t index, uint32_t gen) noexcept;
-  bool withdrawn(uint64_t index, uint64_t state_word) const noexcept;
+  bool withdraw(uint64_t index, uint32_t gen);
+  bool withdrawn(uint64_t index, uint64_t state_word) const;
+  // Turns tombstones back into empty slots where no lookup needs to pass them:
+  // the one at `pos` and the run just before it (index.md, "Reclaiming tombstones").
+  void reclaim_tombstones(uint64_t pos);
+  bool try_reclaim(uint64_t pos);
+  // After an insert at my_pos: false when a slot between the key's home and
+  // my_pos became empty (a concurrent reclaim), so the entry may be unreachable.
+  bool reachable(uint64_t home, uint64_t my_pos);
   bool pin(uint64_t index, uint32_t gen, uint64_t k0, uint64_t k1);
-  void unpin(uint64_t index) noexcept;
+  void unpin(uint64_t index);
   void check_handle_owned(uint64_t handle, uint64_t expect_kind, const char* what, bool freeing = false) const;
   void flush(const void* p, size_t n) const noexcept;
 
@@ -411,6 +426,9 @@ class Pool {
   mutable std::recursive_mutex lock_mu_;
   mutable uint32_t lock_depth_ = 0;
   mutable HostLock lock_;
+  // Set when this handle found it lost the lock inside an operation: it is no
+  // longer a usable member (ensure_usable raises kMemberLost); close() still leaves.
+  mutable std::atomic<bool> fenced_{false};
 
   unsigned copy_threads_ = 1;
   CopyKernel copy_kernel_ = CopyKernel::kAuto;
@@ -426,6 +444,7 @@ enum class ProcState { kAlive, kGone, kUnknown };  // kGone includes zombies
 ProcState process_state(uint32_t pid, uint64_t* start_time);
 uint64_t process_start_time(uint32_t pid);  // 0 when the process does not exist (or is a zombie)
 uint64_t local_host_id();
+bool proc_shows_own_pids();  // false in a PID namespace that kept another namespace's /proc
 uint64_t realtime_ns();
 
 }  // namespace pykvshm

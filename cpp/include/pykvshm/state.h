@@ -16,6 +16,10 @@ constexpr uint64_t state(uint32_t gen, uint64_t kind, uint64_t owner, bool ref =
   return (uint64_t(gen) << 32) | ((kind & 7u) << 29) | (ref ? kRefBit : 0) | (owner & kOwnerMask);
 }
 constexpr uint32_t gen(uint64_t s) { return uint32_t(s >> 32); }
+// Generations never wrap: a block freed at this generation is retired (never
+// claimed again), so no (generation, index) handle is ever issued twice and a
+// stale handle can never match a reused block (allocator.md).
+inline constexpr uint32_t kGenLast = 0xffffffffu;
 constexpr uint64_t kind(uint64_t s) { return (s >> 29) & 7u; }
 constexpr bool ref(uint64_t s) { return (s & kRefBit) != 0; }
 constexpr uint64_t owner(uint64_t s) { return s & kOwnerMask; }
