@@ -59,6 +59,22 @@ auto on_handles() {
   };
 }
 
+// read_spans / write_spans: four equally long columns and an optional CopyGroup.
+using SpanMethod = void (Pool::*)(const uint64_t*, const uint64_t*, const uint64_t*, const uint64_t*, size_t,
+                                  const std::shared_ptr<CopyGroup>&);
+template <SpanMethod Method>
+auto on_spans(const char* what) {
+  return [what](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
+                std::shared_ptr<CopyGroup> group) {
+    Pool::Call call(p);
+    const size_t n = size_t(h.size());
+    if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
+      throw py::value_error(std::string(what) + ": handles, offsets, addresses and sizes must have the same length");
+    py::gil_scoped_release rel;
+    (p.*Method)(h.data(), offsets.data(), addrs.data(), bytes.data(), n, group);
+  };
+}
+
 Handles to_array(const std::vector<uint64_t>& v, size_t n) {
   Handles a(static_cast<py::ssize_t>(n));
   if (n) std::memcpy(a.mutable_data(), v.data(), n * 8);
@@ -569,28 +585,10 @@ void register_pool(py::module_& m) {
              if (off + size > bb) throw py::value_error("the view would run past the end of its block");
              return BlockBuffer{reinterpret_cast<uint8_t*>(address), size_t(size), !writable, std::move(anchor)};
            })
-      .def("read_spans",
-           [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
-              std::shared_ptr<CopyGroup> group) {
-             Pool::Call call(p);
-             const size_t n = size_t(h.size());
-             if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
-               throw py::value_error("read_spans: handles, offsets, addresses and sizes must have the same length");
-             py::gil_scoped_release rel;
-             p.read_spans(h.data(), offsets.data(), addrs.data(), bytes.data(), n, group);
-           },
-           py::arg("handles"), py::arg("offsets"), py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
-      .def("write_spans",
-           [](Pool& p, const Handles& h, const Handles& offsets, const Handles& addrs, const Handles& bytes,
-              std::shared_ptr<CopyGroup> group) {
-             Pool::Call call(p);
-             const size_t n = size_t(h.size());
-             if (size_t(offsets.size()) != n || size_t(addrs.size()) != n || size_t(bytes.size()) != n)
-               throw py::value_error("write_spans: handles, offsets, addresses and sizes must have the same length");
-             py::gil_scoped_release rel;
-             p.write_spans(h.data(), offsets.data(), addrs.data(), bytes.data(), n, group);
-           },
-           py::arg("handles"), py::arg("offsets"), py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
+      .def("read_spans", on_spans<&Pool::read_spans>("read_spans"), py::arg("handles"), py::arg("offsets"),
+           py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
+      .def("write_spans", on_spans<&Pool::write_spans>("write_spans"), py::arg("handles"), py::arg("offsets"),
+           py::arg("addrs"), py::arg("sizes"), py::arg("group") = nullptr)
       .def("copy_engine_info",
            [](Pool& p) {
              Pool::Call call(p);
