@@ -3,7 +3,9 @@
 when an environment is missing (PYKVSHM_REQUIRE_ENGINES=1 turns the skip into a failure).
 
 The drivers (tests/integrations/engines/) run the frameworks' own objects; see their
-docstrings for the one piece each framework lacks on a CPU-only machine.
+docstrings for the one piece each framework lacks on a CPU-only machine. The last test adds
+a real vLLM engine (scripts/setup_vllm_env.sh; tests/integrations/vllm_support.py) on the
+same pool as both.
 """
 
 from __future__ import annotations
