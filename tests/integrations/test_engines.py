@@ -149,6 +149,7 @@ def _meet_all(rdv: str, phase: str, who: list[str], procs: list[subprocess.Popen
     open(os.path.join(rdv, f"{phase}.go"), "w").close()
 
 
+@pytest.mark.vllm
 def test_vllm_sglang_and_lmcache_share_one_pool_at_once(sglang_lmcache, vllm_python, tiny_llama, pool_name, tmp_path):
     """A vLLM engine (PykvshmConnector, kv_both), an SGLang HiCache controller and an LMCache
     engine, each in its own environment and process, on one pool with one geometry (the
