@@ -38,7 +38,7 @@ def _python(name: str) -> str:
 
 @pytest.fixture
 def pool_name():
-    name = f"issue17-engines-{uuid.uuid4().hex[:8]}"
+    name = f"issue17-vllm-engines-{uuid.uuid4().hex[:8]}"
     yield name
     try:
         pykvshm.Pool.destroy(name)
