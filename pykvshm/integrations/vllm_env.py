@@ -76,14 +76,18 @@ def _in_use(paths: set[str]) -> set[str]:
             continue
         try:
             with open(f"/proc/{pid}/maps") as f:
-                used.update(p for p in paths if p in f.read())
-            fd_dir = f"/proc/{pid}/fd"
-            for fd in os.listdir(fd_dir):
-                target = os.readlink(os.path.join(fd_dir, fd))
-                if target in paths:
-                    used.add(target)
-        except OSError:
+                maps = f.read()                   # once: a second read() returns ""
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:                           # gone, or not ours to read
             continue
+        used.update(p for p in paths if p in maps)
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:                       # closed since listdir: the others still count
+                continue
+            if target in paths:
+                used.add(target)
     return used
 
 

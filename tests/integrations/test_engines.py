@@ -3,15 +3,20 @@
 when an environment is missing (PYKVSHM_REQUIRE_ENGINES=1 turns the skip into a failure).
 
 The drivers (tests/integrations/engines/) run the frameworks' own objects; see their
-docstrings for the one piece each framework lacks on a CPU-only machine.
+docstrings for the one piece each framework lacks on a CPU-only machine. The last test adds
+a real vLLM engine (scripts/setup_vllm_env.sh; tests/integrations/vllm_support.py) on the
+same pool as both.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -33,7 +38,7 @@ def _python(name: str) -> str:
 
 @pytest.fixture
 def pool_name():
-    name = f"issue17-engines-{uuid.uuid4().hex[:8]}"
+    name = f"issue17-vllm-engines-{uuid.uuid4().hex[:8]}"
     yield name
     try:
         pykvshm.Pool.destroy(name)
@@ -113,3 +118,104 @@ def test_sglang_and_lmcache_share_one_pool_at_once(pool_name):
     with pykvshm.Pool.open(pool_name) as pool:
         pool.check()
         assert pool.stats()["sealed"] == 4 + 2 * 2
+
+
+# The vLLM test model (vllm_support.TINY_LLAMA): 4 layers, 2 KV heads of 64, float32, and
+# vLLM's CPU block of 32 tokens; SGLang and LMCache run the same geometry so all three open
+# one pool (docs/design/engines.md, "One pool, three engines").
+TINY_GEOMETRY = {"LAYERS": "4", "KV_HEADS": "2", "HEAD_DIM": "64"}
+
+
+@pytest.fixture(scope="session")
+def sglang_lmcache() -> tuple[str, str]:
+    """Both engine environments' interpreters; asked before the vLLM fixtures, so a missing
+    one skips before a model is written."""
+    return _python("sglang"), _python("lmcache")
+
+
+def _meet_all(rdv: str, phase: str, who: list[str], procs: list[subprocess.Popen[str]], vllm: Future) -> None:
+    """Wait until every engine of `phase` is attached and waiting, then let them all go."""
+    deadline = time.monotonic() + TIMEOUT
+    while not all(os.path.exists(os.path.join(rdv, f"{w}-{phase}.ready")) for w in who):
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            _result(dead[0])                      # raises with the driver's output
+            raise AssertionError(f"a {phase} driver exited before the rendezvous")
+        if vllm.done():
+            vllm.result()                         # raises with the engine's log
+            raise AssertionError(f"the vLLM engine finished before the {phase} rendezvous")
+        assert time.monotonic() < deadline, f"no {phase} rendezvous after {TIMEOUT} s"
+        time.sleep(0.05)
+    open(os.path.join(rdv, f"{phase}.go"), "w").close()
+
+
+@pytest.mark.vllm
+def test_vllm_sglang_and_lmcache_share_one_pool_at_once(sglang_lmcache, vllm_python, tiny_llama, pool_name, tmp_path):
+    """A vLLM engine (PykvshmConnector, kv_both), an SGLang HiCache controller and an LMCache
+    engine, each in its own environment and process, on one pool with one geometry (the
+    tiny vLLM model's). All three attach, then store at the same moment, then load at the
+    same moment (file rendezvous, tests/integrations/engines/rendezvous.py; the vLLM engine
+    stays attached throughout). Each gets its own KV back: SGLang and LMCache bit for bit,
+    vLLM token-identical outputs from prefix hits on its own earlier request after dropping
+    its prefix cache. No engine finds another's blocks (sealed blocks = the sum of what each
+    stored), and the pool's invariants hold afterwards."""
+    import vllm_support as V
+
+    sgl, lmc = sglang_lmcache
+    bs = V.BLOCK_SIZE
+    rdv = str(tmp_path / "rendezvous")
+    os.mkdir(rdv)
+    env = {**TINY_GEOMETRY, "PYKVSHM_RENDEZVOUS_DIR": rdv}
+    s_env, l_env = {**env, "PAGE": str(bs)}, {**env, "CHUNK": str(2 * bs), "BLOCK": str(bs)}
+
+    rng = random.Random(1717)
+    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (100, 130)]
+    max_tokens = 8                                 # no block fills during decode: 3 and 4 full blocks
+    v_blocks = sum(len(p) // bs for p in prompts)
+    stats_file = tmp_path / "vllm.jsonl"
+    kvt = {"kv_connector": "PykvshmConnector", "kv_connector_module_path": "pykvshm.integrations.vllm",
+           "kv_role": "kv_both",
+           "kv_connector_extra_config": {"pool": pool_name, "capacity": "64MiB", "stats_file": str(stats_file)}}
+    batches = [
+        {"prompts": prompts, "max_tokens": max_tokens, "call": "engines.rendezvous:vllm_store"},
+        # Its own prefix cache dropped first, so the hits can only come from the pool.
+        {"prompts": prompts, "max_tokens": max_tokens, "reset_prefix_cache": True,
+         "call": "engines.rendezvous:vllm_load"},
+    ]
+    procs: list[subprocess.Popen[str]] = []
+    with ThreadPoolExecutor(1) as ex:
+        vllm = ex.submit(V.run_engine, tiny_llama, batches, kvt, env={"PYKVSHM_RENDEZVOUS_DIR": rdv}, timeout=TIMEOUT)
+        try:
+            procs = [_start(sgl, "sglang_hicache.py", "store", pool_name, "layer_first", 31, 4, env=s_env),
+                     _start(lmc, "lmcache_engine.py", "store", pool_name, 32, 2, env=l_env)]
+            _meet_all(rdv, "store", ["vllm", "sglang", "lmcache"], procs, vllm)
+            s_stored, _ = (_result(p) for p in procs)
+            procs = [_start(sgl, "sglang_hicache.py", "load", pool_name, "page_head", 31, 4, 1, env=s_env),
+                     _start(lmc, "lmcache_engine.py", "load", pool_name, 32, 2, 1, env=l_env)]
+            _meet_all(rdv, "load", ["vllm", "sglang", "lmcache"], procs, vllm)
+            s_loaded, l_loaded = (_result(p) for p in procs)
+            v = vllm.result()
+        finally:                                   # on a failure, release whoever still waits
+            for phase in ("store", "load"):
+                open(os.path.join(rdv, f"{phase}.go"), "w").close()
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+    _check_sglang(s_stored, s_loaded, pages=4, shared=1, page=bs)
+    _check_lmcache(l_loaded, chunks=2, shared=1, chunk=2 * bs)
+    first, again = v["batches"]
+    assert first["num_cached_tokens"] == [0, 0]
+    assert again["num_cached_tokens"] == [(len(p) - 1) // bs * bs for p in prompts]
+    assert again["tokens"] == first["tokens"]
+    stats = [json.loads(line) for line in stats_file.read_text().splitlines()]
+    v_saved = sum(s["save_blocks"] for s in stats)
+    assert v_saved == v_blocks
+    assert sum(s["load_blocks"] for s in stats) == sum((len(p) - 1) // bs for p in prompts)
+    assert sum(s["load_failed"] for s in stats) == 0
+    with pykvshm.Pool.open(pool_name) as pool:
+        pool.check()
+        st = pool.stats()
+        assert st["sealed"] == v_saved + 4 + 2 * 2   # vLLM's + SGLang's pages + LMCache's chunk blocks
+        assert st["pinned"] == 0

@@ -10,6 +10,8 @@ supported cpu connector found."), so the paged-KV gather/scatter is CpuPagedConn
 below: it copies between a paged KV cache [2, slots, H, D] per layer and LMCache's
 KV_2LTD memory objects by slot mapping, as the CUDA connector does on a GPU.
 local_cpu is off, so every hit on load comes from the pool.
+LAYERS, KV_HEADS, HEAD_DIM, CHUNK and BLOCK (environment) set the geometry; with
+$PYKVSHM_RENDEZVOUS_DIR set, it waits after attaching to the pool (rendezvous.py).
 Prints one JSON line with what it saw.
 """
 
@@ -26,8 +28,10 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
 from lmcache.v1.metadata import LMCacheMetadata
+from rendezvous import meet
 
-L, H, D = 2, 2, 16
+# Model geometry (the shared-pool test sets the vLLM test model's: 4 layers, 2 KV heads of 64).
+L, H, D = (int(os.environ.get(k, v)) for k, v in (("LAYERS", "2"), ("KV_HEADS", "2"), ("HEAD_DIM", "16")))
 CHUNK = int(os.environ.get("CHUNK", "64"))
 BLOCK = int(os.environ.get("BLOCK", "32"))
 SLOTS = 64 * CHUNK
@@ -87,6 +91,7 @@ def main() -> None:
     role, pool, seed, nchunks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     shared = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     eng = engine(pool)
+    meet("lmcache", role)
     ntok = nchunks * CHUNK + CHUNK // 2          # and a partial last chunk, which is not stored
     toks = tokens_for(seed, ntok)
     slots = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(seed + 2))[:ntok]

@@ -11,6 +11,8 @@ load:  a fresh controller prefetches the same token sequence through
        HiCacheController.prefetch into newly allocated host pages and checks them bit for
        bit against the seeded data; then a sequence sharing only SHARED_PAGES leading pages
        must hit exactly SHARED_PAGES pages.
+LAYERS, KV_HEADS, HEAD_DIM and PAGE (environment) set the geometry; with
+$PYKVSHM_RENDEZVOUS_DIR set, it waits after attaching to the pool (rendezvous.py).
 Prints one JSON line with what it saw.
 """
 
@@ -25,8 +27,10 @@ import time
 
 import torch
 import torch.distributed as dist
+from rendezvous import meet
 
-L, H, D = 2, 2, 16
+# Model geometry (the shared-pool test sets the vLLM test model's: 4 layers, 2 KV heads of 64).
+L, H, D = (int(os.environ.get(k, v)) for k, v in (("LAYERS", "2"), ("KV_HEADS", "2"), ("HEAD_DIM", "16")))
 P = int(os.environ.get("PAGE", "32"))
 DEVICE_TOKENS = 64 * P
 
@@ -142,6 +146,7 @@ def main() -> None:
     role, pool, layout, seed, npages = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     shared = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     ctrl, host = setup(pool, layout, 29500 + os.getpid() % 1000)
+    meet("sglang", role)
     out = store(ctrl, host, seed, npages) if role == "store" else load(ctrl, host, seed, npages, shared)
     out.update(role=role, layout=layout, page=P)
     ctrl.detach_storage_backend()
