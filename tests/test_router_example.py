@@ -125,3 +125,49 @@ def test_upstream_errors_and_unrouted_paths(rig):
         _post(url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 4})
     assert e.value.code == 503 and "prefill server" in e.value.read().decode()
     assert all(n == "prefill" for n, *_ in log)  # decode was never asked
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2, 3]", b'"a string"', b"42", b"null"])
+def test_a_json_body_that_is_no_object_is_a_400_and_the_router_lives_on(rig, raw):
+    url, log, _, _ = rig
+    req = urllib.request.Request(url + "/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and "must be an object" in e.value.read().decode()
+    assert log == []  # neither upstream was asked
+    with _post(url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2}) as r:  # still serving
+        assert json.loads(r.read())["from"] == "decode"
+
+
+def test_tokenize_goes_to_the_decode_server_only(rig):
+    url, log, _, _ = rig
+    for path in ("/tokenize", "/detokenize"):
+        with _post(url + path, {"model": "m", "prompt": "hello"}) as r:
+            assert json.loads(r.read())["from"] == "decode"
+    assert [(n, p) for n, p, *_ in log] == [("decode", "/tokenize"), ("decode", "/detokenize")]
+
+
+SERVE_LOCAL = os.path.join(os.path.dirname(ROUTER), "serve_local.sh")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("where", ["repo-root", "elsewhere"])
+def test_serve_local_fails_fast_on_a_dead_server_and_writes_nothing_here(tmp_path, where):
+    """A server that cannot start (here: an interpreter without vLLM) stops the script within
+    seconds with the end of its log, instead of waiting 10 minutes on health checks; logs go to
+    LOG_DIR, never to the directory it was started from (the repository root included)."""
+    import subprocess
+    import sys
+
+    cwd = REPO if where == "repo-root" else str(tmp_path / "cwd")
+    os.makedirs(cwd, exist_ok=True)
+    before = set(os.listdir(cwd))
+    logs = tmp_path / "logs"
+    env = dict(os.environ, MODEL="/nonexistent-model", PYTHON=sys.executable, LOG_DIR=str(logs),
+               POOL=f"serve-local-test-{os.getpid()}")
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", SERVE_LOCAL], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert time.monotonic() - t0 < 60
+    assert "server exited while starting" in r.stderr and "No module named" in r.stderr
+    assert (logs / "kv_producer.log").exists() and set(os.listdir(cwd)) == before

@@ -25,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 ROUTED = ("/v1/completions", "/v1/chat/completions")
+# Answered by the decode server alone (no KV involved): what benchmark clients ask besides completions.
+PASSED = ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")
 
 
 def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +66,7 @@ class Router(BaseHTTPRequestHandler):
             self._send_error(502, f"decode server unreachable: {e}")
 
     def do_POST(self) -> None:
-        if self.path not in ROUTED:
+        if self.path not in ROUTED and self.path not in PASSED:
             self._send_error(404, f"not routed: {self.path}")
             return
         try:
@@ -72,18 +74,27 @@ class Router(BaseHTTPRequestHandler):
         except (ValueError, json.JSONDecodeError) as e:
             self._send_error(400, f"bad JSON body: {e}")
             return
+        if not isinstance(body, dict):
+            self._send_error(400, f"the JSON body must be an object, got {type(body).__name__}")
+            return
+        if self.path in PASSED:
+            self._relay(self._call("decode", self.decode_url, body), stream=False)
+            return
         prefill = self._call("prefill", self.prefill_url, prefill_request(body))
         if prefill is None:
             return
         with prefill:
             prefill.read()
-        upstream = self._call("decode", self.decode_url, body)
+        self._relay(self._call("decode", self.decode_url, body), stream=bool(body.get("stream")))
+
+    def _relay(self, upstream: Any, stream: bool) -> None:
+        """Answer the client with the upstream's response (relayed line by line when streaming)."""
         if upstream is None:
             return
         with upstream:
             self.send_response(upstream.status)
             self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
-            if not body.get("stream"):
+            if not stream:
                 data = upstream.read()
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+
+
+# The demo's output goes where the user says, by default under the user's cache folder: never into
+# the current directory (a source checkout, say).
+DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "pykvshm", "demo")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
@@ -36,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-timeout", type=float, default=600, help="seconds an engine may take to start")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds the workload may take")
     p.add_argument("--pool", default="pykvshm-demo", help="shm name of the pool (created, destroyed after)")
-    p.add_argument("--out", default="pykvshm-demo", help="folder for the report (JSON) and plot (PNG)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for the report (JSON) and plot (PNG) (default {DEFAULT_OUT}, outside any checkout)")
     p.add_argument("--seed", type=int, default=0)
 
 
