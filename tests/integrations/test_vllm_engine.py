@@ -28,14 +28,19 @@ def _prompts() -> tuple[list[list[int]], list[int]]:
     return prompts, shared
 
 
-def _kvt(role: str, pool: str, stats_file: str) -> dict:
+def _kvt(role: str, pool: str, stats_file: str | None = None, **extra) -> dict:
     return {
         "kv_connector": "PykvshmConnector",
         "kv_connector_module_path": "pykvshm.integrations.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"pool": pool, "capacity": "256MiB", "stats_file": stats_file},
+        "kv_connector_extra_config": {"pool": pool, "capacity": "256MiB", "stats_file": stats_file, **extra},
     }
+
+
+def _block_bytes(pool_name: str) -> int:
+    with pykvshm.Pool.open(pool_name) as pool:
+        return pool.spec.block_bytes
 
 
 def _stats(path) -> list[dict]:
@@ -54,11 +59,17 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     # 1. Prefill engine: max_tokens=1, saves every full prompt block into the pool it creates.
     prod_stats = tmp_path / "producer.jsonl"
     prod = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 1}],
-                        _kvt("kv_producer", pool_name, str(prod_stats)))
+                        _kvt("kv_producer", pool_name, str(prod_stats)), metrics=True)
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == sum(len(p) // BS for p in prompts)
     assert sum(s["save_blocks"] for s in _stats(prod_stats)) == sum(len(p) // BS for p in prompts)
     assert prod["batches"][0]["num_cached_tokens"] == [0, 0, 0]
+    bb = _block_bytes(pool_name)
+    # vLLM's own Prometheus metrics carry the connector's counters (what /metrics serves).
+    pm = prod["batches"][0]["metrics"]
+    assert pm["vllm:pykvshm_save_blocks_total"] == sum(len(p) // BS for p in prompts)
+    assert pm["vllm:pykvshm_save_bytes_total"] == sum(len(p) // BS for p in prompts) * bb
+    assert pm["vllm:pykvshm_lookups_total"] == 0 and pm["vllm:pykvshm_load_blocks_total"] == 0
 
     # 2. Decode engine in another process.
     cons_stats, fault = tmp_path / "consumer.jsonl", tmp_path / "fault"
@@ -73,7 +84,8 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
          "write_file": [str(fault), "evict-before-load"]},
         # Negative control: pool emptied (reset_connector=True) -> everything is recomputed.
         {"prompts": prompts, "max_tokens": 16, "reset_connector": True, "write_file": [str(fault), ""]},
-    ], _kvt("kv_consumer", pool_name, str(cons_stats)), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)})
+    ], _kvt("kv_consumer", pool_name, str(cons_stats)), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)},
+        metrics=True)
     b_hit, b_shared, b_evicted, b_empty = cons["batches"]
     assert b_hit["num_cached_tokens"] == full
     assert b_hit["tokens"] == reference[:3]
@@ -89,5 +101,47 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     failed = sum(s["load_failed"] for s in stats)
     assert failed > 0 and failed % (full[0] // BS) == 0 and failed <= sum(full) // BS
     assert all(s["save_blocks"] == 0 for s in stats)
+    # The same figures through vLLM's KV-connector stats, cumulative after each batch.
+    m_hit, m_shared, _, m_end = (b["metrics"] for b in cons["batches"])
+    assert m_hit["vllm:pykvshm_lookups_total"] == 3
+    assert m_hit["vllm:pykvshm_hit_tokens_total"] == sum(full)
+    assert m_hit["vllm:pykvshm_hit_blocks_total"] == sum(full) // BS
+    assert m_hit["vllm:pykvshm_load_requests_total"] == 3
+    assert m_hit["vllm:pykvshm_load_blocks_total"] == sum(full) // BS
+    assert m_hit["vllm:pykvshm_load_bytes_total"] == sum(full) // BS * bb
+    assert m_hit["vllm:pykvshm_load_seconds_total"] > 0
+    assert m_shared["vllm:pykvshm_load_blocks_total"] == sum(full) // BS + 2
+    assert m_end["vllm:pykvshm_load_blocks_total"] == sum(s["load_blocks"] for s in stats)
+    assert m_end["vllm:pykvshm_load_failed_blocks_total"] == failed
+    assert m_end["vllm:pykvshm_save_blocks_total"] == 0
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == 0 and pool.stats()["pinned"] == 0  # the consumer never saves
+        # Loads read through Lease.read_spans, which the pool's own counters see.
+        assert pool.stats()["bytes_out"] == sum(s["load_blocks"] for s in stats) * bb
+
+
+def test_second_turn_on_another_engine_hits_the_first_turns_generated_blocks(vllm_python, tiny_llama, pool_name):
+    rng = random.Random(77)
+    turn1 = [rng.randrange(1, 1000) for _ in range(50)]
+    # Engine A (kv_both) answers turn 1: 50 prompt + 80 generated tokens, KV for the first 129, so
+    # 4 full blocks of which 3 were filled during decode.
+    a = V.run_engine(tiny_llama, [{"prompts": [turn1], "max_tokens": 80}], _kvt("kv_both", pool_name), metrics=True)
+    answer = a["batches"][0]["tokens"][0]
+    assert len(answer) == 80
+    assert a["batches"][0]["metrics"]["vllm:pykvshm_save_blocks_total"] == 4
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert pool.stats()["sealed"] == 4
+
+    # Engine B, another process on the same pool: turn 2 = turn 1, A's answer, a new question.
+    turn2 = turn1 + answer + [rng.randrange(1, 1000) for _ in range(20)]
+    b = V.run_engine(tiny_llama, [
+        {"prompts": [turn2], "max_tokens": 16},
+        # The same turn on an engine with nothing cached, pool emptied: the reference computation.
+        {"prompts": [turn2], "max_tokens": 16, "reset_connector": True},
+    ], _kvt("kv_both", pool_name), metrics=True)
+    hit, ref = b["batches"]
+    assert hit["num_cached_tokens"] == [4 * BS]  # 1 prompt block + 3 generated ones, from engine A
+    assert hit["metrics"]["vllm:pykvshm_load_blocks_total"] == 4
+    assert ref["num_cached_tokens"] == [0]
+    assert hit["tokens"] == ref["tokens"]
+    assert V.hf_generate(tiny_llama, [turn1, turn2], max_new_tokens=16) == [answer[:16], ref["tokens"][0]]

@@ -110,8 +110,14 @@ def run_engine(
     max_model_len: int = 1024,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    metrics: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> dict[str, Any]:
     """Start one `vllm.LLM` in a subprocess and run `batches` through it, in order.
+
+    ``metrics``: enable vLLM's stats and add, after each batch, the connector's Prometheus samples
+    (``vllm:pykvshm_*``, as a `vllm serve` /metrics would expose them) as ``batch["metrics"]``.
+    ``tensor_parallel_size`` > 1 runs that many worker processes (distributed backend "mp").
 
     Each batch: {"prompts": [[token ids], ...], "max_tokens": int,
                  "reset_prefix_cache": bool (before the batch; drops the engine's own cache),
@@ -123,7 +129,8 @@ def run_engine(
     """
     job = {
         "model": model_dir, "dtype": dtype, "block_size": block_size, "max_model_len": max_model_len,
-        "kv_transfer_config": kv_transfer_config, "batches": batches,
+        "kv_transfer_config": kv_transfer_config, "batches": batches, "metrics": metrics,
+        "tensor_parallel_size": tensor_parallel_size,
     }
     return _run_job("engine", job, timeout=timeout, env=env)
 
@@ -167,6 +174,9 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
         model=job["model"], skip_tokenizer_init=True, dtype=job["dtype"], block_size=job["block_size"],
         max_model_len=job["max_model_len"], enforce_eager=True, seed=0,
         kv_transfer_config=KVTransferConfig(**kvt) if kvt else None,
+        disable_log_stats=not job.get("metrics"),
+        **({"tensor_parallel_size": job["tensor_parallel_size"], "distributed_executor_backend": "mp"}
+           if job.get("tensor_parallel_size", 1) > 1 else {}),
     )
     result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t0, 2), "batches": []}
     try:
@@ -188,6 +198,7 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
                 "s": round(time.perf_counter() - t0, 4),
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "num_cached_tokens": [o.num_cached_tokens for o in outs],
+                **({"metrics": _connector_metrics()} if job.get("metrics") else {}),
             })
     finally:
         try:
@@ -195,6 +206,20 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
         except Exception:  # the parent kills the process group anyway
             pass
     return result
+
+
+def _connector_metrics() -> dict[str, float]:
+    """The connector's samples in the Prometheus text a `vllm serve` /metrics returns, summed over
+    label sets: {"vllm:pykvshm_load_blocks_total": 3.0, ...}."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:pykvshm_") and sample.name.endswith("_total"):
+                out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
 
 
 def _main(argv: list[str]) -> None:
