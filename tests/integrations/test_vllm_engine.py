@@ -8,6 +8,7 @@ engine in another process loads them and generates. Each engine is its own proce
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -125,7 +126,7 @@ def test_second_turn_on_another_engine_hits_the_first_turns_generated_blocks(vll
     turn1 = [rng.randrange(1, 1000) for _ in range(50)]
     # Engine A (kv_both) answers turn 1: 50 prompt + 80 generated tokens, KV for the first 129, so
     # 4 full blocks of which 3 were filled during decode.
-    a = V.run_engine(tiny_llama, [{"prompts": [turn1], "max_tokens": 80}], _kvt("kv_both", pool_name), metrics=True)
+    a = V.run_engine(tiny_llama, [{"prompts": [turn1], "max_tokens": 80, "ignore_eos": True}], _kvt("kv_both", pool_name), metrics=True)
     answer = a["batches"][0]["tokens"][0]
     assert len(answer) == 80
     assert a["batches"][0]["metrics"]["vllm:pykvshm_save_blocks_total"] == 4
@@ -135,13 +136,50 @@ def test_second_turn_on_another_engine_hits_the_first_turns_generated_blocks(vll
     # Engine B, another process on the same pool: turn 2 = turn 1, A's answer, a new question.
     turn2 = turn1 + answer + [rng.randrange(1, 1000) for _ in range(20)]
     b = V.run_engine(tiny_llama, [
-        {"prompts": [turn2], "max_tokens": 16},
+        {"prompts": [turn2], "max_tokens": 16, "ignore_eos": True},
         # The same turn on an engine with nothing cached, pool emptied: the reference computation.
-        {"prompts": [turn2], "max_tokens": 16, "reset_connector": True},
+        {"prompts": [turn2], "max_tokens": 16, "ignore_eos": True, "reset_connector": True},
     ], _kvt("kv_both", pool_name), metrics=True)
     hit, ref = b["batches"]
     assert hit["num_cached_tokens"] == [4 * BS]  # 1 prompt block + 3 generated ones, from engine A
     assert hit["metrics"]["vllm:pykvshm_load_blocks_total"] == 4
     assert ref["num_cached_tokens"] == [0]
     assert hit["tokens"] == ref["tokens"]
-    assert V.hf_generate(tiny_llama, [turn1, turn2], max_new_tokens=16) == [answer[:16], ref["tokens"][0]]
+    # And transformers' greedy generate() agrees (it stops at EOS, vLLM was told not to).
+    hf1, hf2 = V.hf_generate(tiny_llama, [turn1, turn2], max_new_tokens=16)
+    assert hf1 and hf1 == answer[:len(hf1)]
+    assert hf2 and hf2 == ref["tokens"][0][:len(hf2)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_TP") != "1",
+                    reason="two TP=2 engines take ~5 min on a 2-core machine; set PYKVSHM_VLLM_TP=1")
+def test_tensor_parallel_engines_share_per_rank_shards(vllm_python, tiny_llama, pool_name, tmp_path):
+    prompts, shared = _prompts()
+    full = [(len(p) - 1) // BS * BS for p in prompts]
+    tp = {"tensor_parallel_size": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "timeout": 600}
+    # Producer at TP=2: each rank saves its shard (1 of the 2 KV heads) of every full prompt block.
+    prod = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 1}], _kvt("kv_producer", pool_name),
+                        metrics=True, **tp)
+    n_blocks = sum(len(p) // BS for p in prompts)
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert pool.stats()["sealed"] == 2 * n_blocks
+    assert prod["batches"][0]["metrics"]["vllm:pykvshm_save_blocks_total"] == n_blocks
+    # Consumer at TP=2 in other processes: every rank loads its own shard.
+    cons = V.run_engine(tiny_llama, [
+        {"prompts": prompts, "max_tokens": 16},
+        {"prompts": prompts, "max_tokens": 16, "reset_connector": True},  # no pool: the reference
+    ], _kvt("kv_consumer", pool_name), metrics=True, **tp)
+    hit, ref = cons["batches"]
+    assert hit["num_cached_tokens"] == full
+    assert ref["num_cached_tokens"] == [0, 0, 0]
+    assert hit["tokens"] == ref["tokens"]
+    m = hit["metrics"]
+    assert m["vllm:pykvshm_load_blocks_total"] == sum(full) // BS  # counted once, by rank 0
+    with pykvshm.Pool.open(pool_name) as pool:
+        bb = pool.spec.block_bytes
+    assert m["vllm:pykvshm_load_bytes_total"] == 2 * sum(full) // BS * bb  # both ranks' shards
+    # A single TP=1 engine without the connector computes the same tokens.  (It could not attach
+    # to this pool: a TP=2 pool block holds one rank's KV heads, another geometry.)
+    one = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}], None)
+    assert one["batches"][0]["tokens"] == hit["tokens"]

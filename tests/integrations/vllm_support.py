@@ -124,7 +124,8 @@ def run_engine(
                  "reset_connector": bool (before the batch; also empties the connector's cache),
                  "write_file": [path, text] (before the batch; e.g. to switch a fault on or off),
                  "call": "module:function" (called with no arguments before the batch, inside
-                 the engine process; e.g. to empty a pool)}.
+                 the engine process; e.g. to empty a pool),
+                 "ignore_eos": bool (generate exactly max_tokens)}.
     Returns {"engine_start_s", "batches": [{"s", "tokens", "num_cached_tokens"}], "log_tail"}.
     """
     job = {
@@ -191,7 +192,8 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
             if batch.get("call"):
                 mod, _, fn = batch["call"].partition(":")
                 getattr(importlib.import_module(mod), fn)()
-            sp = SamplingParams(max_tokens=batch.get("max_tokens", 16), temperature=0.0, detokenize=False)
+            sp = SamplingParams(max_tokens=batch.get("max_tokens", 16), temperature=0.0, detokenize=False,
+                                ignore_eos=bool(batch.get("ignore_eos")))
             t0 = time.perf_counter()
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch["prompts"]], sp, use_tqdm=False)
             result["batches"].append({
