@@ -183,3 +183,62 @@ def test_tensor_parallel_engines_share_per_rank_shards(vllm_python, tiny_llama, 
     # to this pool: a TP=2 pool block holds one rank's KV heads, another geometry.)
     one = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}], None)
     assert one["batches"][0]["tokens"] == hit["tokens"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_SERVE") != "1",
+                    reason="a vllm serve OpenAI server takes ~90 s to start here; set PYKVSHM_VLLM_SERVE=1")
+def test_vllm_serve_metrics_endpoint_shows_the_connector_counters(vllm_python, tiny_llama, pool_name, tmp_path):
+    import subprocess
+    import time
+    import urllib.request
+
+    from pykvshm.integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama, "--skip-tokenizer-init",
+           "--dtype", "float32", "--block-size", str(BS), "--max-model-len", "1024", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", json.dumps(_kvt("kv_both", pool_name))]
+    shm_before = shm_segments()
+    log = open(tmp_path / "serve.log", "w")
+    # cwd: a scratch folder, so the server imports the environment's installed pykvshm.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **V.ENGINE_ENV})
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "vllm serve did not start"
+                time.sleep(2)
+        prompt = [(7 * i) % 1000 + 1 for i in range(100)]
+        body = json.dumps({"model": tiny_llama, "prompt": prompt, "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=120).read()
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    finally:
+        kill_group(proc.pid)
+        proc.wait()
+        log.close()
+        remove_leaked_segments(shm_before)
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:pykvshm_") and "_total{" in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            samples[name] = samples.get(name, 0.0) + value
+    assert samples["vllm:pykvshm_lookups_total"] == 1
+    assert samples["vllm:pykvshm_save_blocks_total"] == 3  # 100 prompt tokens: 3 full blocks
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert samples["vllm:pykvshm_save_bytes_total"] == 3 * pool.spec.block_bytes
