@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_SERVE") != "1",
-                    reason="a vllm serve OpenAI server takes ~90 s to start here; set PYKVSHM_VLLM_SERVE=1")
+                    reason="a vllm serve OpenAI server test takes ~75 s here; set PYKVSHM_VLLM_SERVE=1")
 def test_vllm_serve_metrics_endpoint_shows_the_connector_counters(vllm_python, tiny_llama, pool_name, tmp_path):
     import subprocess
     import time
