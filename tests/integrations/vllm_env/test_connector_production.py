@@ -234,3 +234,13 @@ def test_tp2_each_rank_saves_its_shard_and_a_hit_needs_every_rank(model_dir, poo
     # A TP=1 engine on the same pool shares none of these blocks (other keys, other geometry).
     one = H.scheduler(H.vllm_config(model_dir, extra, role="kv_consumer")).connector
     assert one.get_num_new_matched_tokens(H.request("y", tokens(100)), 0) == (0, False)
+
+
+def test_save_generated_must_be_a_boolean(model_dir, pool_name):
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from pykvshm.integrations.vllm import PykvshmConnector
+
+    cfg = H.vllm_config(model_dir, {"pool": pool_name, "capacity": "64MiB", "save_generated": "yes"})
+    with pytest.raises(ValueError, match="'save_generated' must be true or false"):
+        PykvshmConnector(cfg, KVConnectorRole.SCHEDULER, H.kv_cache_config(128))
