@@ -8,6 +8,7 @@ engine in another process loads them and generates. Each engine is its own proce
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -28,14 +29,19 @@ def _prompts() -> tuple[list[list[int]], list[int]]:
     return prompts, shared
 
 
-def _kvt(role: str, pool: str, stats_file: str) -> dict:
+def _kvt(role: str, pool: str, stats_file: str | None = None, **extra) -> dict:
     return {
         "kv_connector": "PykvshmConnector",
         "kv_connector_module_path": "pykvshm.integrations.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"pool": pool, "capacity": "256MiB", "stats_file": stats_file},
+        "kv_connector_extra_config": {"pool": pool, "capacity": "256MiB", "stats_file": stats_file, **extra},
     }
+
+
+def _block_bytes(pool_name: str) -> int:
+    with pykvshm.Pool.open(pool_name) as pool:
+        return pool.spec.block_bytes
 
 
 def _stats(path) -> list[dict]:
@@ -54,11 +60,17 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     # 1. Prefill engine: max_tokens=1, saves every full prompt block into the pool it creates.
     prod_stats = tmp_path / "producer.jsonl"
     prod = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 1}],
-                        _kvt("kv_producer", pool_name, str(prod_stats)))
+                        _kvt("kv_producer", pool_name, str(prod_stats)), metrics=True)
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == sum(len(p) // BS for p in prompts)
     assert sum(s["save_blocks"] for s in _stats(prod_stats)) == sum(len(p) // BS for p in prompts)
     assert prod["batches"][0]["num_cached_tokens"] == [0, 0, 0]
+    bb = _block_bytes(pool_name)
+    # vLLM's own Prometheus metrics carry the connector's counters (what /metrics serves).
+    pm = prod["batches"][0]["metrics"]
+    assert pm["vllm:pykvshm_save_blocks_total"] == sum(len(p) // BS for p in prompts)
+    assert pm["vllm:pykvshm_save_bytes_total"] == sum(len(p) // BS for p in prompts) * bb
+    assert pm["vllm:pykvshm_lookups_total"] == 0 and pm["vllm:pykvshm_load_blocks_total"] == 0
 
     # 2. Decode engine in another process.
     cons_stats, fault = tmp_path / "consumer.jsonl", tmp_path / "fault"
@@ -73,7 +85,8 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
          "write_file": [str(fault), "evict-before-load"]},
         # Negative control: pool emptied (reset_connector=True) -> everything is recomputed.
         {"prompts": prompts, "max_tokens": 16, "reset_connector": True, "write_file": [str(fault), ""]},
-    ], _kvt("kv_consumer", pool_name, str(cons_stats)), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)})
+    ], _kvt("kv_consumer", pool_name, str(cons_stats)), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)},
+        metrics=True)
     b_hit, b_shared, b_evicted, b_empty = cons["batches"]
     assert b_hit["num_cached_tokens"] == full
     assert b_hit["tokens"] == reference[:3]
@@ -89,5 +102,143 @@ def test_prefill_engine_hands_kv_to_decode_engine_through_the_pool(vllm_python, 
     failed = sum(s["load_failed"] for s in stats)
     assert failed > 0 and failed % (full[0] // BS) == 0 and failed <= sum(full) // BS
     assert all(s["save_blocks"] == 0 for s in stats)
+    # The same figures through vLLM's KV-connector stats, cumulative after each batch.
+    m_hit, m_shared, _, m_end = (b["metrics"] for b in cons["batches"])
+    assert m_hit["vllm:pykvshm_lookups_total"] == 3
+    assert m_hit["vllm:pykvshm_hit_tokens_total"] == sum(full)
+    assert m_hit["vllm:pykvshm_hit_blocks_total"] == sum(full) // BS
+    assert m_hit["vllm:pykvshm_load_requests_total"] == 3
+    assert m_hit["vllm:pykvshm_load_blocks_total"] == sum(full) // BS
+    assert m_hit["vllm:pykvshm_load_bytes_total"] == sum(full) // BS * bb
+    assert m_hit["vllm:pykvshm_load_seconds_total"] > 0
+    assert m_shared["vllm:pykvshm_load_blocks_total"] == sum(full) // BS + 2
+    assert m_end["vllm:pykvshm_load_blocks_total"] == sum(s["load_blocks"] for s in stats)
+    assert m_end["vllm:pykvshm_load_failed_blocks_total"] == failed
+    assert m_end["vllm:pykvshm_save_blocks_total"] == 0
     with pykvshm.Pool.open(pool_name) as pool:
         assert pool.stats()["sealed"] == 0 and pool.stats()["pinned"] == 0  # the consumer never saves
+        # Loads read through Lease.read_spans, which the pool's own counters see.
+        assert pool.stats()["bytes_out"] == sum(s["load_blocks"] for s in stats) * bb
+
+
+def test_second_turn_on_another_engine_hits_the_first_turns_generated_blocks(vllm_python, tiny_llama, pool_name):
+    rng = random.Random(77)
+    turn1 = [rng.randrange(1, 1000) for _ in range(50)]
+    # Engine A (kv_both) answers turn 1: 50 prompt + 80 generated tokens, KV for the first 129, so
+    # 4 full blocks of which 3 were filled during decode.
+    a = V.run_engine(tiny_llama, [{"prompts": [turn1], "max_tokens": 80, "ignore_eos": True}], _kvt("kv_both", pool_name), metrics=True)
+    answer = a["batches"][0]["tokens"][0]
+    assert len(answer) == 80
+    assert a["batches"][0]["metrics"]["vllm:pykvshm_save_blocks_total"] == 4
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert pool.stats()["sealed"] == 4
+
+    # Engine B, another process on the same pool: turn 2 = turn 1, A's answer, a new question.
+    turn2 = turn1 + answer + [rng.randrange(1, 1000) for _ in range(20)]
+    b = V.run_engine(tiny_llama, [
+        {"prompts": [turn2], "max_tokens": 16, "ignore_eos": True},
+        # The same turn on an engine with nothing cached, pool emptied: the reference computation.
+        {"prompts": [turn2], "max_tokens": 16, "ignore_eos": True, "reset_connector": True},
+    ], _kvt("kv_both", pool_name), metrics=True)
+    hit, ref = b["batches"]
+    assert hit["num_cached_tokens"] == [4 * BS]  # 1 prompt block + 3 generated ones, from engine A
+    assert hit["metrics"]["vllm:pykvshm_load_blocks_total"] == 4
+    assert ref["num_cached_tokens"] == [0]
+    assert hit["tokens"] == ref["tokens"]
+    # And transformers' greedy generate() agrees (it stops at EOS, vLLM was told not to).
+    hf1, hf2 = V.hf_generate(tiny_llama, [turn1, turn2], max_new_tokens=16)
+    assert hf1 and hf1 == answer[:len(hf1)]
+    assert hf2 and hf2 == ref["tokens"][0][:len(hf2)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_TP") != "1",
+                    reason="two TP=2 engines take ~5 min on a 2-core machine; set PYKVSHM_VLLM_TP=1")
+def test_tensor_parallel_engines_share_per_rank_shards(vllm_python, tiny_llama, pool_name, tmp_path):
+    prompts, shared = _prompts()
+    full = [(len(p) - 1) // BS * BS for p in prompts]
+    tp = {"tensor_parallel_size": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "timeout": 600}
+    # Producer at TP=2: each rank saves its shard (1 of the 2 KV heads) of every full prompt block.
+    prod = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 1}], _kvt("kv_producer", pool_name),
+                        metrics=True, **tp)
+    n_blocks = sum(len(p) // BS for p in prompts)
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert pool.stats()["sealed"] == 2 * n_blocks
+    assert prod["batches"][0]["metrics"]["vllm:pykvshm_save_blocks_total"] == n_blocks
+    # Consumer at TP=2 in other processes: every rank loads its own shard.
+    cons = V.run_engine(tiny_llama, [
+        {"prompts": prompts, "max_tokens": 16},
+        {"prompts": prompts, "max_tokens": 16, "reset_connector": True},  # no pool: the reference
+    ], _kvt("kv_consumer", pool_name), metrics=True, **tp)
+    hit, ref = cons["batches"]
+    assert hit["num_cached_tokens"] == full
+    assert ref["num_cached_tokens"] == [0, 0, 0]
+    assert hit["tokens"] == ref["tokens"]
+    m = hit["metrics"]
+    assert m["vllm:pykvshm_load_blocks_total"] == sum(full) // BS  # counted once, by rank 0
+    with pykvshm.Pool.open(pool_name) as pool:
+        bb = pool.spec.block_bytes
+    assert m["vllm:pykvshm_load_bytes_total"] == 2 * sum(full) // BS * bb  # both ranks' shards
+    # A single TP=1 engine without the connector computes the same tokens.  (It could not attach
+    # to this pool: a TP=2 pool block holds one rank's KV heads, another geometry.)
+    one = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}], None)
+    assert one["batches"][0]["tokens"] == hit["tokens"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_SERVE") != "1",
+                    reason="a vllm serve OpenAI server test takes ~75 s here; set PYKVSHM_VLLM_SERVE=1")
+def test_vllm_serve_metrics_endpoint_shows_the_connector_counters(vllm_python, tiny_llama, pool_name, tmp_path):
+    import subprocess
+    import time
+    import urllib.request
+
+    from pykvshm.integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama, "--skip-tokenizer-init",
+           "--dtype", "float32", "--block-size", str(BS), "--max-model-len", "1024", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", json.dumps(_kvt("kv_both", pool_name))]
+    shm_before = shm_segments()
+    log = open(tmp_path / "serve.log", "w")
+    # cwd: a scratch folder, so the server imports the environment's installed pykvshm.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **V.ENGINE_ENV})
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "vllm serve did not start"
+                time.sleep(2)
+        prompt = [(7 * i) % 1000 + 1 for i in range(100)]
+        body = json.dumps({"model": tiny_llama, "prompt": prompt, "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=120).read()
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    finally:
+        kill_group(proc.pid)
+        proc.wait()
+        log.close()
+        remove_leaked_segments(shm_before)
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:pykvshm_") and "_total{" in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            samples[name] = samples.get(name, 0.0) + value
+    assert samples["vllm:pykvshm_lookups_total"] == 1
+    assert samples["vllm:pykvshm_save_blocks_total"] == 3  # 100 prompt tokens: 3 full blocks
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert samples["vllm:pykvshm_save_bytes_total"] == 3 * pool.spec.block_bytes

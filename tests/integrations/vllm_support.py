@@ -110,20 +110,28 @@ def run_engine(
     max_model_len: int = 1024,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    metrics: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> dict[str, Any]:
     """Start one `vllm.LLM` in a subprocess and run `batches` through it, in order.
+
+    ``metrics``: enable vLLM's stats and add, after each batch, the connector's Prometheus samples
+    (``vllm:pykvshm_*``, as a `vllm serve` /metrics would expose them) as ``batch["metrics"]``.
+    ``tensor_parallel_size`` > 1 runs that many worker processes (distributed backend "mp").
 
     Each batch: {"prompts": [[token ids], ...], "max_tokens": int,
                  "reset_prefix_cache": bool (before the batch; drops the engine's own cache),
                  "reset_connector": bool (before the batch; also empties the connector's cache),
                  "write_file": [path, text] (before the batch; e.g. to switch a fault on or off),
                  "call": "module:function" (called with no arguments before the batch, inside
-                 the engine process; e.g. to empty a pool)}.
+                 the engine process; e.g. to empty a pool),
+                 "ignore_eos": bool (generate exactly max_tokens)}.
     Returns {"engine_start_s", "batches": [{"s", "tokens", "num_cached_tokens"}], "log_tail"}.
     """
     job = {
         "model": model_dir, "dtype": dtype, "block_size": block_size, "max_model_len": max_model_len,
-        "kv_transfer_config": kv_transfer_config, "batches": batches,
+        "kv_transfer_config": kv_transfer_config, "batches": batches, "metrics": metrics,
+        "tensor_parallel_size": tensor_parallel_size,
     }
     return _run_job("engine", job, timeout=timeout, env=env)
 
@@ -167,6 +175,9 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
         model=job["model"], skip_tokenizer_init=True, dtype=job["dtype"], block_size=job["block_size"],
         max_model_len=job["max_model_len"], enforce_eager=True, seed=0,
         kv_transfer_config=KVTransferConfig(**kvt) if kvt else None,
+        disable_log_stats=not job.get("metrics"),
+        **({"tensor_parallel_size": job["tensor_parallel_size"], "distributed_executor_backend": "mp"}
+           if job.get("tensor_parallel_size", 1) > 1 else {}),
     )
     result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t0, 2), "batches": []}
     try:
@@ -181,13 +192,15 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
             if batch.get("call"):
                 mod, _, fn = batch["call"].partition(":")
                 getattr(importlib.import_module(mod), fn)()
-            sp = SamplingParams(max_tokens=batch.get("max_tokens", 16), temperature=0.0, detokenize=False)
+            sp = SamplingParams(max_tokens=batch.get("max_tokens", 16), temperature=0.0, detokenize=False,
+                                ignore_eos=bool(batch.get("ignore_eos")))
             t0 = time.perf_counter()
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch["prompts"]], sp, use_tqdm=False)
             result["batches"].append({
                 "s": round(time.perf_counter() - t0, 4),
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "num_cached_tokens": [o.num_cached_tokens for o in outs],
+                **({"metrics": _connector_metrics()} if job.get("metrics") else {}),
             })
     finally:
         try:
@@ -195,6 +208,20 @@ def _cmd_engine(job: dict[str, Any]) -> dict[str, Any]:
         except Exception:  # the parent kills the process group anyway
             pass
     return result
+
+
+def _connector_metrics() -> dict[str, float]:
+    """The connector's samples in the Prometheus text a `vllm serve` /metrics returns, summed over
+    label sets: {"vllm:pykvshm_load_blocks_total": 3.0, ...}."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:pykvshm_") and sample.name.endswith("_total"):
+                out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
 
 
 def _main(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "open_timeout": 60.0,         # seconds to wait for another engine that is creating the pool
     "stats_file": None,           # append one JSON line of worker load/save timings per step
     "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
+    "save_generated": True,       # also save blocks that fill up during decode (multi-turn hits)
 }
 CREATE_MODES = ("open", "create", "create_or_open")
 
@@ -52,9 +53,15 @@ class ConnectorConfig:
     open_timeout: float
     stats_file: str | None
     layerwise_loads: bool = True  # loads queued per layer; wait_for_layer_load waits for one layer
+    save_generated: bool = True   # save blocks that fill up during decode too
+    tp_rank: int = 0              # this process's tensor-parallel rank (0 in the scheduler)
+    tp_size: int = 1
+    rank_salts: tuple[bytes, ...] = ()  # the salt of every tensor-parallel rank; rank_salts[tp_rank] == salt
 
     @classmethod
-    def from_vllm(cls, vllm_config: Any, kv_cache_config: Any) -> "ConnectorConfig":
+    def from_vllm(cls, vllm_config: Any, kv_cache_config: Any, worker: bool = False) -> "ConnectorConfig":
+        """``worker``: built for a worker process, whose tensor-parallel rank picks its keys (the
+        scheduler's config is rank 0's and knows every rank's salt)."""
         ktc = vllm_config.kv_transfer_config
         extra = dict(ktc.kv_connector_extra_config or {})
         unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
@@ -67,15 +74,18 @@ class ConnectorConfig:
             raise ValueError(f"kv_connector_extra_config 'create' must be one of {CREATE_MODES}, got {opt['create']!r}")
         if not isinstance(opt["pool"], str) or not opt["pool"]:
             raise ValueError(f"kv_connector_extra_config 'pool' must be a pool name or path, got {opt['pool']!r}")
-        if not isinstance(opt["layerwise_loads"], bool):
-            raise ValueError(f"kv_connector_extra_config 'layerwise_loads' must be true or false, "
-                             f"got {opt['layerwise_loads']!r}")
+        for flag in ("layerwise_loads", "save_generated"):
+            if not isinstance(opt[flag], bool):
+                raise ValueError(f"kv_connector_extra_config {flag!r} must be true or false, got {opt[flag]!r}")
 
         par = vllm_config.parallel_config
-        if getattr(par, "tensor_parallel_size", 1) != 1 or getattr(par, "pipeline_parallel_size", 1) != 1:
+        if getattr(par, "pipeline_parallel_size", 1) != 1:
             raise NotImplementedError(
-                "PykvshmConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only "
-                f"(got {par.tensor_parallel_size} and {par.pipeline_parallel_size})")
+                f"PykvshmConnector supports pipeline_parallel_size=1 only (got {par.pipeline_parallel_size})")
+        tp_size = int(getattr(par, "tensor_parallel_size", 1) or 1)
+        tp_rank = _tp_rank() if worker and tp_size > 1 else 0
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tensor-parallel rank {tp_rank} outside tensor_parallel_size {tp_size}")
 
         spec, layer_names = spec_from_kv_cache_config(kv_cache_config)
         bs = spec.block_tokens
@@ -88,12 +98,13 @@ class ConnectorConfig:
                 f"prefix_caching_hash_algo={hash_algo!r} seeds its hashes randomly per process unless "
                 "PYTHONHASHSEED is set (the same value in every engine); set it or use sha256")
 
+        rank_salts = tuple(_salt(vllm_config, spec, layer_names, str(opt["salt"]), r, tp_size) for r in range(tp_size))
         return cls(
             pool=opt["pool"],
             capacity=parse_size(opt["capacity"]),
             create=opt["create"],
             spec=spec,
-            salt=_salt(vllm_config, spec, layer_names, str(opt["salt"])),
+            salt=rank_salts[tp_rank],
             block_size=bs,
             hash_stride=bs // hash_bs,
             save=bool(ktc.is_kv_producer),
@@ -103,6 +114,10 @@ class ConnectorConfig:
             open_timeout=float(opt["open_timeout"]),
             stats_file=opt["stats_file"],
             layerwise_loads=opt["layerwise_loads"],
+            save_generated=opt["save_generated"],
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            rank_salts=rank_salts,
         )
 
     def open_pool(self) -> Any:
@@ -140,12 +155,24 @@ def spec_from_kv_cache_config(kv_cache_config: Any) -> tuple[KVSpec, list[str]]:
     return spec, list(group.layer_names)
 
 
-def _salt(vllm_config: Any, spec: KVSpec, layer_names: list[str], user_salt: str) -> bytes:
+def _tp_rank() -> int:
+    """This worker's tensor-parallel rank (vLLM builds worker connectors after its process groups)."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("tensor_parallel_size > 1 but vLLM's tensor-parallel group is not initialised")
+    return int(parallel_state.get_tensor_model_parallel_rank())
+
+
+def _salt(vllm_config: Any, spec: KVSpec, layer_names: list[str], user_salt: str, tp_rank: int = 0,
+          tp_size: int = 1) -> bytes:
     """What two engines must share for one's KV bytes to be valid in the other.
 
     Layer slots hold engine blocks verbatim, whose interior depends on the attention
     backend, the CPU ISA and the cache dtype; engines that differ in any of these
-    get different keys and simply miss.
+    get different keys and simply miss.  At tensor_parallel_size > 1 a pool block holds one
+    rank's shard (its KV heads), so the rank and the TP size are part of the salt; at TP=1
+    nothing is added and keys are those of earlier releases.
     """
     import torch
 
@@ -158,21 +185,26 @@ def _salt(vllm_config: Any, spec: KVSpec, layer_names: list[str], user_salt: str
         str(getattr(cc, "cache_dtype", "auto")), str(getattr(cc, "kv_cache_layout", None)), str(backend),
         device, isa, repr(spec), ",".join(layer_names), user_salt,
     ]
+    if tp_size > 1:
+        parts.append(f"tp={tp_rank}/{tp_size}")
     return salt_digest(parts)
 
 
-def request_keys(cfg: ConnectorConfig, block_hashes: list[Any], num_blocks: int) -> list[bytes]:
-    """Pool keys of a request's first `num_blocks` engine blocks.
+def request_keys(cfg: ConnectorConfig, block_hashes: list[Any], num_blocks: int, rank: int | None = None,
+                 start: int = 0) -> list[bytes]:
+    """Pool keys of a request's engine blocks ``start`` to ``num_blocks - 1`` (of tensor-parallel
+    rank ``rank``; default: this process's).
 
     vLLM's block hash i is already chained over the whole prefix (and its extra keys:
     LoRA, multimodal inputs, cache_salt), so equal keys mean equal prefixes.
     """
+    salt = cfg.salt if rank is None else cfg.rank_salts[rank]
     stride = cfg.hash_stride
     n = min(num_blocks, len(block_hashes) // stride)
     keys = []
-    for i in range(n):
+    for i in range(start, n):
         h = block_hashes[(i + 1) * stride - 1]
         if not isinstance(h, (bytes, bytearray)):
             raise PoolError(f"vLLM block hash of type {type(h).__name__}; expected bytes (sha256 prefix hashing)")
-        keys.append(engine_key(cfg.salt, bytes(h)))
+        keys.append(engine_key(salt, bytes(h)))
     return keys

@@ -16,10 +16,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from .config import ConnectorConfig
 from .metadata import PykvshmMetadata
 from .scheduler import SchedulerSide
+from .stats import PykvshmPromMetrics, PykvshmStats
 from .worker import WorkerSide, evict_all
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ class PykvshmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.cfg = ConnectorConfig.from_vllm(vllm_config, kv_cache_config)
+        self.cfg = ConnectorConfig.from_vllm(vllm_config, kv_cache_config, worker=role == KVConnectorRole.WORKER)
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail")
         if self.cfg.load and policy != "recompute":
             log.warning(
@@ -86,6 +88,22 @@ class PykvshmConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
+
+    # ---- both roles: vLLM's KV-connector stats (Prometheus /metrics) ----
+    def get_kv_connector_stats(self) -> PykvshmStats | None:
+        """What this half counted since vLLM last asked (workers: loads and saves; scheduler:
+        lookups and hits); vLLM sums the halves and every rank."""
+        side = self._worker if self._worker is not None else self._scheduler
+        return side.get_kv_connector_stats() if side is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PykvshmStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        return PykvshmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -13,11 +13,21 @@ class BlockTransfer:
 
     req_id: str
     block_ids: list[int]
-    keys: list[bytes]
+    keys: list[bytes]                  # tensor-parallel rank 0's keys (the only ones at TP=1)
+    rank_keys: tuple[list[bytes], ...] = ()  # TP > 1: the keys of ranks 1, 2, ... in order
 
     def __post_init__(self) -> None:
-        if len(self.block_ids) != len(self.keys):
-            raise ValueError(f"request {self.req_id}: {len(self.block_ids)} block ids but {len(self.keys)} keys")
+        for keys in (self.keys, *self.rank_keys):
+            if len(self.block_ids) != len(keys):
+                raise ValueError(f"request {self.req_id}: {len(self.block_ids)} block ids but {len(keys)} keys")
+
+    def keys_for(self, rank: int) -> list[bytes]:
+        """The keys of tensor-parallel rank ``rank``'s shards of these blocks."""
+        if rank == 0:
+            return self.keys
+        if not 0 < rank <= len(self.rank_keys):
+            raise ValueError(f"request {self.req_id}: no keys for tensor-parallel rank {rank}")
+        return self.rank_keys[rank - 1]
 
 
 @dataclass

@@ -13,13 +13,14 @@ from typing import Any
 
 from .config import ConnectorConfig, request_keys
 from .metadata import BlockTransfer, PykvshmMetadata
+from .stats import PykvshmStats
 
 
 @dataclass
 class _Tracked:
     request: Any
     block_ids: list[int] = field(default_factory=list)
-    keys: list[bytes] | None = None
+    keys: list[list[bytes]] = field(default_factory=list)  # per tensor-parallel rank, per block
 
 
 class SchedulerSide:
@@ -28,14 +29,27 @@ class SchedulerSide:
         self.pool = pool
         self._reqs: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}  # req id -> external tokens granted this step
+        self.stats = PykvshmStats()
 
     # ---- keys ----
-    def _keys(self, t: _Tracked) -> list[bytes]:
-        """Keys of the request's full prompt blocks (computed once per request)."""
-        if t.keys is None:
-            r = t.request
-            t.keys = request_keys(self.cfg, list(r.block_hashes), r.num_prompt_tokens // self.cfg.block_size)
-        return t.keys
+    def _keys(self, t: _Tracked) -> list[list[bytes]]:
+        """Every rank's keys of the request's full blocks so far.  vLLM appends a block hash each
+        time a block fills up, during decode too, so the lists grow with the request."""
+        hashes = t.request.block_hashes
+        have = len(t.keys[0]) if t.keys else 0
+        if len(hashes) // self.cfg.hash_stride > have:
+            hashes = list(hashes)
+            new = [request_keys(self.cfg, hashes, len(hashes), rank=r, start=have) for r in range(self.cfg.tp_size)]
+            if not t.keys:
+                t.keys = new
+            else:
+                for old, more in zip(t.keys, new):
+                    old.extend(more)
+        return t.keys or [[] for _ in range(self.cfg.tp_size)]
+
+    def _transfer(self, req_id: str, t: _Tracked, idx: list[int]) -> BlockTransfer:
+        keys = [[k[i] for i in idx] for k in t.keys]
+        return BlockTransfer(req_id, [t.block_ids[i] for i in idx], keys[0], tuple(keys[1:]))
 
     def _track(self, request: Any) -> _Tracked:
         t = self._reqs.get(request.request_id)
@@ -49,15 +63,25 @@ class SchedulerSide:
             return 0, False
         bs = self.cfg.block_size
         keys = self._keys(self._track(request))
-        # Leave at least one prompt token to compute: vLLM needs a forward pass to sample from.
-        limit = min(len(keys), (request.num_prompt_tokens - 1) // bs)
+        # Leave at least one token to compute: vLLM needs a forward pass to sample from.
+        limit = min(len(keys[0]), (request.num_tokens - 1) // bs)
         if limit * bs <= num_computed_tokens:
             return 0, False
-        hit = self.pool.match(keys[:limit])
-        return max(0, hit * bs - num_computed_tokens), False
+        # A block is present only when every tensor-parallel rank's shard is.
+        hit = limit
+        for rank_keys in keys:
+            hit = min(hit, self.pool.match(rank_keys[:hit]))
+            if hit * bs <= num_computed_tokens:
+                return 0, False
+        return hit * bs - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._track(request)
+        if self.cfg.load:
+            self.stats.add("lookups", 1)
+            if num_external_tokens > 0:
+                self.stats.add("hit_tokens", num_external_tokens)
+                self.stats.add("hit_blocks", num_external_tokens // self.cfg.block_size)
         if num_external_tokens > 0:
             self._pending_loads[request.request_id] = num_external_tokens
         else:
@@ -95,14 +119,19 @@ class SchedulerSide:
         """
         bs = self.cfg.block_size
         ext = self._pending_loads.get(req_id, 0)
-        keys = self._keys(t)
+        keys = self._keys(t)[0]
         load_lo = load_hi = computed // bs
         if ext:
             load_lo = (computed - ext) // bs
-            meta.loads.append(BlockTransfer(req_id, t.block_ids[load_lo:load_hi], keys[load_lo:load_hi]))
+            meta.loads.append(self._transfer(req_id, t, list(range(load_lo, load_hi))))
         if self.cfg.save:
-            done = min(computed + scheduled, t.request.num_prompt_tokens) // bs
-            hi = min(done, len(keys), len(t.block_ids))
+            # Blocks whose every token's KV exists after this step: the prompt's, and with
+            # save_generated also those that fill up during decode (the KV of a sampled token is
+            # computed in the step after it is sampled, when it is fed back).
+            end = computed + scheduled
+            if not self.cfg.save_generated:
+                end = min(end, t.request.num_prompt_tokens)
+            hi = min(end // bs, len(keys), len(t.block_ids))
             # Blocks computed in this step, and on a request's first step also the blocks the
             # engine's own prefix cache supplied (the pool may have lost them; the writer skips
             # keys it holds).  Never the blocks loaded in this step: if their load fails they
@@ -111,10 +140,16 @@ class SchedulerSide:
             ranges.append(range(load_hi, hi))
             picked = [i for r in ranges for i in r]
             if picked:
-                meta.saves.append(BlockTransfer(req_id, [t.block_ids[i] for i in picked], [keys[i] for i in picked]))
+                meta.saves.append(self._transfer(req_id, t, picked))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Saves complete inside the step that computed the blocks, so vLLM may free them now.
+        # Every full block, prompt or generated, is saved inside the step that computed its last
+        # token (committed in wait_for_save), so nothing is left to save here and vLLM may free
+        # the blocks now.  The last sampled token never has KV, so a block it would complete is
+        # not full in the KV cache and is not saved.
         self._reqs.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         return False, None
+
+    def get_kv_connector_stats(self) -> PykvshmStats | None:
+        return self.stats.take()

@@ -32,6 +32,7 @@ from ..._torch import host_block_tensor
 from ...errors import GeometryMismatchError, PoolFullError
 from .config import ConnectorConfig
 from .metadata import BlockTransfer, PykvshmMetadata
+from .stats import PykvshmStats
 
 # Fault injection for tests: while the file named by this variable exists and says
 # "evict-before-load", every pool block is evicted between the scheduler's match and the
@@ -100,6 +101,7 @@ class WorkerSide:
         self._chunks: tuple[int, int, int] = (1, 0, 0)  # per layer tensor: (outer, blocks, inner bytes)
         self._batched = False                  # host KV caches: batched span copies through the copy engine
         self._stats = _StepStats()
+        self._interval = PykvshmStats()  # vLLM's KV-connector stats since its last get_kv_connector_stats
 
     # ---- setup ----
     def register_kv_caches(self, kv_caches: dict[str, Any], num_blocks: int) -> None:
@@ -169,7 +171,7 @@ class WorkerSide:
     def _load_one(self, tr: BlockTransfer) -> int:
         """Pin the longest present prefix of ``tr`` and start copying it into its engine blocks
         (queued per layer on the copy engine); returns the blocks it will copy."""
-        lease = self.pool.acquire(tr.keys)
+        lease = self.pool.acquire(tr.keys_for(self.cfg.tp_rank))
         n = len(lease)
         if n == 0:
             lease.release()
@@ -277,7 +279,7 @@ class WorkerSide:
                 self._stats.save_skipped += len(tr.keys)
                 continue
             try:
-                w = self.pool.writer(tr.keys)
+                w = self.pool.writer(tr.keys_for(self.cfg.tp_rank))
             except PoolFullError:
                 self._stats.save_skipped += len(tr.keys)
                 continue
@@ -304,7 +306,27 @@ class WorkerSide:
         self._stats.save_s += time.perf_counter() - t0
         if had_work and self.cfg.stats_file:
             self._write_stats()
+        self._count(self._stats)
         self._stats = _StepStats()
+
+    def _count(self, s: _StepStats) -> None:
+        """Add one step to the counters vLLM collects (see stats.py for who counts what)."""
+        iv, bb = self._interval, self.cfg.spec.block_bytes
+        if self.cfg.tp_rank == 0:
+            iv.add("load_reqs", len(s.load_reqs))
+            iv.add("load_blocks", s.load_blocks)
+            iv.add("load_failed_blocks", s.load_failed)
+            iv.add("save_blocks", s.save_blocks)
+            iv.add("save_skipped_blocks", s.save_skipped)
+        iv.add("load_bytes", s.load_blocks * bb)
+        iv.add("save_bytes", s.save_blocks * bb)
+        if s.load_reqs:
+            iv.add("load_seconds", s.load_s)
+        if s.save_blocks or s.save_skipped:
+            iv.add("save_seconds", s.save_s)
+
+    def get_kv_connector_stats(self) -> PykvshmStats | None:
+        return self._interval.take()
 
     def _write_stats(self) -> None:
         s = self._stats
