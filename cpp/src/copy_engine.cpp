@@ -176,6 +176,11 @@ void CopyEngine::dispatcher() {
       }
     }
     {
+      std::lock_guard<std::mutex> lk(mu_);  // counted before the group hears of it
+      ++jobs_done_;
+      bytes_done_ += bytes;
+    }
+    {
       std::lock_guard<std::mutex> g(job.group->mu_);
       if (err && !job.group->error_) job.group->error_ = err;
       --job.group->pending_;
@@ -185,8 +190,6 @@ void CopyEngine::dispatcher() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       busy_ = false;
-      ++jobs_done_;
-      bytes_done_ += bytes;
     }
     idle_cv_.notify_all();
   }
