@@ -224,6 +224,7 @@ void register_pool(py::module_& m) {
            })
       .def("index_census",
            [](const Pool& p) {
+             Pool::Call call(p);
              Pool::IndexCensus c;
              {
                py::gil_scoped_release rel;
