@@ -58,6 +58,11 @@ inline uint64_t ch_index(uint64_t h) { return h & 0x7fffffffu; }
 inline uint32_t ch_gen(uint64_t h) { return uint32_t(h >> 32); }
 inline bool ch_cached(uint64_t h) { return (h & kHandleCached) != 0; }
 
+[[noreturn]] void raise_out_of_order(uint32_t next, uint32_t layer) {
+  raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(next) + " is next, not layer " +
+                                       std::to_string(layer));
+}
+
 constexpr uint64_t kLingerNs = 200'000'000ull;  // a finished channel is kept this long before reuse if others are free
 
 }  // namespace
@@ -226,17 +231,12 @@ std::vector<CopySpan> Pool::put_layer_spans(TransferRef t, uint32_t layer, const
   if (layer >= geo_.num_layers)
     raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range for a " +
                                          std::to_string(geo_.num_layers) + "-layer pool");
-  if (check_order && layer != (ready & kReadyCount))
-    raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(ready & kReadyCount) +
-                                         " is next, not layer " + std::to_string(layer));
-  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
-  Atomic64* hs = channel_handles(t.channel);
-  spans.reserve(n);
-  for (uint32_t j = 0; j < n; ++j) {
-    const uint64_t h = hs[j].load(std::memory_order_relaxed);
+  if (check_order && layer != (ready & kReadyCount)) raise_out_of_order(ready & kReadyCount, layer);
+  const std::vector<uint64_t> handles = channel_handle_list(t, ch);
+  spans.reserve(handles.size());
+  for (size_t j = 0; j < handles.size(); ++j) {
+    const uint64_t h = handles[j];
     if (ch_cached(h)) continue;
-    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
     uint8_t* dst = block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
     // No source (the producer wrote the slot in place) or a source that is the
     // slot itself: nothing to copy, the layer is only marked ready.
@@ -261,9 +261,7 @@ void Pool::mark_layer_put(TransferRef t, uint32_t layer, const CopySpan* spans, 
   uint32_t expect = layer;
   if (!ch.ready.cas(expect, layer + 1, std::memory_order_seq_cst)) {
     if (expect & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
-    if ((expect & kReadyCount) != layer)
-      raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(expect & kReadyCount) +
-                                           " is next, not layer " + std::to_string(layer));
+    if ((expect & kReadyCount) != layer) raise_out_of_order(expect & kReadyCount, layer);
     raise(ErrorCode::kCorrupt, "transfer channel changed under its producer");
   }
   flush(&ch.ready, 4);
@@ -277,11 +275,10 @@ void Pool::transfer_mark_layers(TransferRef t, uint32_t first, uint32_t count) {
     raise(ErrorCode::kInvalidHandle, "layers " + std::to_string(first) + ".." + std::to_string(first + count - 1) +
                                          " are out of range for a " + std::to_string(geo_.num_layers) + "-layer pool");
   // The slots were written in place: write them back (noncoherent), then one ready
-  // update and one wake for the whole range.
-  for (uint32_t l = first; l < first + count; ++l) {
-    std::vector<CopySpan> spans = put_layer_spans(t, l, nullptr, 0, l == first);
-    for (const CopySpan& s : spans) flush(s.dst, s.bytes);
-  }
+  // update and one wake for the whole range.  A block's layer slots lie back to back,
+  // so layer `first`'s slot of each block extends over the whole range.
+  const std::vector<CopySpan> spans = put_layer_spans(t, first, nullptr, 0, true);
+  for (const CopySpan& s : spans) flush(s.dst, s.bytes * count);
   Exclusive ex(this);
   ensure_usable();
   Channel& ch = owned_channel(t, kChanOpen);
@@ -289,8 +286,7 @@ void Pool::transfer_mark_layers(TransferRef t, uint32_t first, uint32_t count) {
   uint32_t expect = first;
   if (!ch.ready.cas(expect, first + count, std::memory_order_seq_cst)) {
     if (expect & kReadyAborted) raise(ErrorCode::kAborted, "a consumer aborted the transfer");
-    raise(ErrorCode::kInvalidHandle, "layers must be put in order: layer " + std::to_string(expect & kReadyCount) +
-                                         " is next, not layer " + std::to_string(first));
+    raise_out_of_order(expect & kReadyCount, first);
   }
   flush(&ch.ready, 4);
   if (ch.waiters.load(std::memory_order_seq_cst)) wake(ch.ready);
@@ -312,20 +308,29 @@ void Pool::transfer_put_layer_async(TransferRef t, uint32_t layer, const uint8_t
   });
 }
 
+std::vector<uint64_t> Pool::channel_handle_list(TransferRef t, Channel& ch) const {
+  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
+  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
+  Atomic64* hs = channel_handles(t.channel);
+  fresh(hs, 8ull * n);
+  std::vector<uint64_t> handles(n);
+  for (uint32_t j = 0; j < n; ++j) {
+    handles[j] = hs[j].load(std::memory_order_relaxed);
+    if (ch_index(handles[j]) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
+  }
+  return handles;
+}
+
 std::vector<uint8_t*> Pool::transfer_slots(TransferRef t, uint32_t layer, bool writable) {
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
   if (layer >= geo_.num_layers) raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is out of range");
   Exclusive ex(this);
   ensure_usable();
   Channel& ch = writable ? owned_channel(t, kChanOpen) : attached_channel(t);
-  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
-  Atomic64* hs = channel_handles(t.channel);
-  fresh(hs, 8ull * n);
-  std::vector<uint8_t*> out(n);
-  for (uint32_t j = 0; j < n; ++j) {
-    const uint64_t h = hs[j].load(std::memory_order_relaxed);
-    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
+  const std::vector<uint64_t> handles = channel_handle_list(t, ch);
+  std::vector<uint8_t*> out(handles.size());
+  for (size_t j = 0; j < handles.size(); ++j) {
+    const uint64_t h = handles[j];
     // A producer gets no slot of a cached block: it is sealed and shared.
     out[j] = (writable && ch_cached(h)) ? nullptr : block_data(ch_index(h)) + uint64_t(layer) * layer_bytes;
   }
@@ -335,19 +340,9 @@ std::vector<uint8_t*> Pool::transfer_slots(TransferRef t, uint32_t layer, bool w
 void Pool::transfer_validate(TransferRef t, uint32_t layer) {
   ensure_usable();
   Channel& ch = attached_channel(t);
-  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
-  std::atomic_thread_fence(std::memory_order_acquire);
-  Atomic64* hs = channel_handles(t.channel);
-  for (uint32_t j = 0; j < n; ++j) {
-    const uint64_t h = hs[j].load(std::memory_order_relaxed);
-    if (ch_index(h) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
-    if (word::gen(state(ch_index(h)).load(std::memory_order_relaxed)) != ch_gen(h))
-      raise(ch.ready.load(std::memory_order_relaxed) & kReadyAborted ? ErrorCode::kAborted : ErrorCode::kGone,
-            "block " + std::to_string(j) + " of the transfer was reused while its layer " + std::to_string(layer) +
-                " was read in place (the transfer ended; use acquire() on its keys)");
-  }
-  attached_channel(t);
+  const std::vector<uint64_t> handles = channel_handle_list(t, ch);
+  const auto n = uint32_t(handles.size());
+  check_not_reused(t, ch, handles.data(), n, ("its layer " + std::to_string(layer) + " was read in place").c_str());
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
   add_counter(kCtrBytesOut, uint64_t(n) * layer_bytes);
 }
@@ -603,18 +598,11 @@ void Pool::transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint
   if (v & kReadyAborted) raise(ErrorCode::kAborted, "the transfer was aborted");
   if ((v & kReadyCount) <= layer && !(v & kReadyDone))
     raise(ErrorCode::kInvalidHandle, "layer " + std::to_string(layer) + " is not ready yet; wait for it first");
-  const uint32_t n = ch.num_blocks.load(std::memory_order_relaxed);
-  if (n > transfer_max_) raise(ErrorCode::kCorrupt, "transfer channel holds an invalid block count");
   const uint64_t layer_bytes = geo_.block_bytes / geo_.num_layers;
   // No lock: the handles, the bytes and the generations are read after
   // invalidating them, and the generations validate the copy (seqlock style).
-  Atomic64* hs = channel_handles(t.channel);
-  fresh(hs, 8ull * n);
-  std::vector<uint64_t> handles(n);
-  for (uint32_t j = 0; j < n; ++j) {
-    handles[j] = hs[j].load(std::memory_order_relaxed);
-    if (ch_index(handles[j]) >= nblocks_) raise(ErrorCode::kCorrupt, "transfer channel names a block outside the pool");
-  }
+  const std::vector<uint64_t> handles = channel_handle_list(t, ch);
+  const auto n = uint32_t(handles.size());
   std::vector<CopySpan> spans(n);
   for (uint32_t j = 0; j < n; ++j) {
     const uint8_t* src = block_data(ch_index(handles[j])) + uint64_t(layer) * layer_bytes;
@@ -622,16 +610,21 @@ void Pool::transfer_copy_layer(TransferRef t, uint32_t layer, uint8_t* dst, uint
     spans[j] = {dst + uint64_t(j) * dst_stride, src, layer_bytes};
   }
   copy_engine().run(spans.data(), spans.size());
-  // Validate: nothing we read can have been reused meanwhile.
+  check_not_reused(t, ch, handles.data(), n, "it was read");
+  add_counter(kCtrBytesOut, uint64_t(n) * layer_bytes);
+}
+
+void Pool::check_not_reused(TransferRef t, Channel& ch, const uint64_t* handles, uint32_t n, const char* when) const {
+  // Seqlock-style validation: a block's generation changes only when it is reallocated, so an
+  // unchanged generation (and channel epoch) means the bytes read were never rewritten.
   std::atomic_thread_fence(std::memory_order_acquire);
   for (uint32_t j = 0; j < n; ++j) {
     if (word::gen(state(ch_index(handles[j])).load(std::memory_order_relaxed)) != ch_gen(handles[j]))
       raise(ch.ready.load(std::memory_order_relaxed) & kReadyAborted ? ErrorCode::kAborted : ErrorCode::kGone,
-            "block " + std::to_string(j) + " of the transfer was reused while it was read (the transfer ended; "
-            "use acquire() on its keys)");
+            "block " + std::to_string(j) + " of the transfer was reused while " + when +
+                " (the transfer ended; use acquire() on its keys)");
   }
   attached_channel(t);
-  add_counter(kCtrBytesOut, uint64_t(n) * layer_bytes);
 }
 
 }  // namespace pykvshm

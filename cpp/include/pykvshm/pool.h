@@ -392,6 +392,11 @@ class Pool {
   std::vector<CopySpan> put_layer_spans(TransferRef t, uint32_t layer, const uint8_t* src, uint64_t src_stride,
                                         bool check_order);
   void mark_layer_put(TransferRef t, uint32_t layer, const CopySpan* spans, size_t n);
+  // The channel's block handles, count and indices checked against the pool (invalidated first).
+  std::vector<uint64_t> channel_handle_list(TransferRef t, layout::Channel& ch) const;
+  // After reading a transfer's blocks without a lock: raise kGone / kAborted if any was reallocated.
+  void check_not_reused(TransferRef t, layout::Channel& ch, const uint64_t* handles, uint32_t n,
+                        const char* when) const;
   void check_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* bytes, size_t n) const;
   layout::Channel& owned_channel(TransferRef t, uint64_t status) const;
   layout::Channel& attached_channel(TransferRef t) const;
