@@ -105,3 +105,21 @@ def span_columns(count: int, handles: np.ndarray, blocks: Any, block_offsets: An
                                      f"end of the {buf_size}-byte buffer")
     return (np.ascontiguousarray(handles[b]).astype(np.uint64), boff.astype(np.uint64), foff.astype(np.uint64),
             size.astype(np.uint64))
+
+
+def span_copy(method: Any, handles: np.ndarray, buf: Any, writable: bool, blocks: Any, block_offsets: Any,
+              buf_offsets: Any, sizes: Any, block_bytes: int, wait: bool,
+              on_done: Any = None) -> CopyFuture | None:
+    """Check the spans against the blocks and ``buf``, then run the core's ``read_spans`` or
+    ``write_spans`` (``method``): now, or queued when ``wait`` is false (a :class:`CopyFuture` that
+    keeps ``buf`` alive until the copy has run)."""
+    addr, size, keep = buffer_extent(buf, writable=writable)
+    h, boff, foff, sz = span_columns(len(handles), handles, blocks, block_offsets, buf_offsets, sizes, size,
+                                     block_bytes)
+    addrs = foff + np.uint64(addr)
+    if wait:
+        method(h, boff, addrs, sz)
+        return None
+    group = new_group()
+    method(h, boff, addrs, sz, group)
+    return CopyFuture(group, keep, on_done)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._copy import CopyFuture, buffer_extent, new_group, span_columns
+from ._copy import CopyFuture, span_copy
 from ._arrays import check_blocks, host_address, is_cuda, is_torch
 from .errors import (
     GeometryMismatchError,
@@ -682,18 +682,10 @@ class Lease:
         it.  This is the entry point an engine's loader uses (one call per layer).
         """
         core = self._check()
-        addr, size, keep = buffer_extent(dst, writable=True)
-        h, boff, doff, sz = span_columns(len(self._handles), self._handles, blocks, block_offsets, dst_offsets, sizes,
-                                         size, self._pool.spec.block_bytes)
-        addrs = doff + np.uint64(addr)
-        if wait:
-            core.read_spans(h, boff, addrs, sz)
-            del keep
-            return None
-        group = new_group()
-        core.read_spans(h, boff, addrs, sz, group)
-        fut = CopyFuture(group, keep, self._forget)
-        self._pending.append(fut)
+        fut = span_copy(core.read_spans, self._handles, dst, True, blocks, block_offsets, dst_offsets, sizes,
+                        self._pool.spec.block_bytes, wait, self._forget)
+        if fut is not None:
+            self._pending.append(fut)
         return fut
 
     def _forget(self, fut: CopyFuture) -> None:
@@ -834,17 +826,10 @@ class Writer:
         ``wait=False`` queues it and returns a :class:`~pykvshm.CopyFuture` (``src`` must stay unchanged
         until it is done); ``commit()`` and ``abort()`` wait for the writer's queued copies."""
         core = self._check()
-        addr, size, keep = buffer_extent(src, writable=False)
-        h, boff, soff, sz = span_columns(len(self._handles), self._handles, blocks, block_offsets, src_offsets, sizes,
-                                         size, self._pool.spec.block_bytes)
-        if wait:
-            core.write_spans(h, boff, soff + np.uint64(addr), sz)
-            del keep
-            return None
-        group = new_group()
-        core.write_spans(h, boff, soff + np.uint64(addr), sz, group)
-        fut = CopyFuture(group, keep)
-        self._pending.append(fut)
+        fut = span_copy(core.write_spans, self._handles, src, False, blocks, block_offsets, src_offsets, sizes,
+                        self._pool.spec.block_bytes, wait)
+        if fut is not None:
+            self._pending.append(fut)
         return fut
 
     def _wait_pending(self, raise_errors: bool) -> None:

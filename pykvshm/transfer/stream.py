@@ -139,11 +139,7 @@ class TransferProducer:
         self._check()
         spec = self._pool.spec
         layer = int(layer)
-        if layer != self.layers_put:
-            from ..errors import InvalidHandleError
-
-            self.abort()
-            raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {layer}")
+        self._expect_next(layer)
         if self._group.failed():
             self._raise_failed()
         if kv is None:
@@ -166,6 +162,14 @@ class TransferProducer:
             self.abort()
             raise
         self.layers_put = layer + 1
+
+    def _expect_next(self, layer: int) -> None:
+        """Layers go in order: anything else aborts the transfer and raises."""
+        if layer != self.layers_put:
+            from ..errors import InvalidHandleError
+
+            self.abort()
+            raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {layer}")
 
     def _raise_failed(self) -> None:
         try:
@@ -209,11 +213,7 @@ class TransferProducer:
         """Mark layers ``first .. first+count-1`` ready without copying (they were written in place
         through :meth:`layer_views`), in one call; ``finish=True`` finishes the transfer too."""
         self._check()
-        if int(first) != self.layers_put:
-            from ..errors import InvalidHandleError
-
-            self.abort()
-            raise InvalidHandleError(f"layers must be put in order: layer {self.layers_put} is next, not layer {first}")
+        self._expect_next(int(first))
         layer_bytes = self._pool.spec.block_bytes // self._pool.spec.num_layers
         try:
             self.wait()
