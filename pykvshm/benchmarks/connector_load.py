@@ -98,12 +98,11 @@ def run(mib: int = 32, runs: int = 3, reps: int = 7, kernel: str = "auto", pool_
                 t.zero_()
             t0 = time.perf_counter()
             if mode == "per-block":
-                with contextlib.ExitStack():
-                    lease = pool.acquire(keys)
-                    try:
-                        w._load_per_block(lease, BlockTransfer("r", list(block_ids), list(keys)), len(lease))
-                    finally:
-                        lease.release()
+                lease = pool.acquire(keys)
+                try:
+                    w._load_per_block(lease, BlockTransfer("r", list(block_ids), list(keys)), len(lease))
+                finally:
+                    lease.release()
             else:
                 w.start_load_kv(meta)
                 for name in names:
