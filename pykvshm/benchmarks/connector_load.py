@@ -12,6 +12,9 @@ loads it into scattered engine blocks the way a model runner does: ``start_load_
   the copy engine; each wait returns when its layer has landed);
 - ``sync``: ``layerwise_loads=False`` (the same gathers, done inside ``start_load_kv``);
 - ``per-block``: the previous path (one ``torch.Tensor.copy_`` per block and layer from pool views);
+- ``async-start`` / ``async-landed``: the same load as an asynchronous one (a request parked in
+  WAITING_FOR_REMOTE_KVS): what ``start_load_kv`` costs the forward thread, and the time until
+  ``get_finished`` reports the request (polled, as vLLM's engine steps would);
 - ``memcpy``: ``numpy.copyto`` of the same number of bytes between two warm buffers.
 
 Every mode's result is checked byte for byte against the published blocks.
@@ -79,7 +82,8 @@ def run(mib: int = 32, runs: int = 3, reps: int = 7, kernel: str = "auto", pool_
     block_ids = rng.choice(np.arange(1, num_blocks), size=n, replace=False).tolist()  # scattered engine blocks
     nbytes = int(data.nbytes)
     src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    times: dict[str, list[float]] = {"layerwise": [], "sync": [], "per-block": [], "memcpy": []}
+    times: dict[str, list[float]] = {"layerwise": [], "sync": [], "per-block": [], "async-start": [],
+                                     "async-landed": [], "memcpy": []}
     if pool_dir:  # e.g. a hugetlbfs mount: a pool on 2 MiB pages
         ctx = _path_pool(os.path.join(pool_dir, f"connload-{os.getpid()}"), spec, common.pool_capacity(spec, 2 * n),
                          kernel)
@@ -90,14 +94,22 @@ def run(mib: int = 32, runs: int = 3, reps: int = 7, kernel: str = "auto", pool_
         pool.publish(keys, data)
         workers = {"layerwise": _worker(pool, spec, num_blocks, True), "sync": _worker(pool, spec, num_blocks, False)}
         meta = PykvshmMetadata(loads=[BlockTransfer("r", list(block_ids), list(keys))])
+        meta_async = PykvshmMetadata(async_loads=[BlockTransfer("r", list(block_ids), list(keys))])
         names = list(workers["layerwise"][1])
 
-        def load(mode: str) -> float:
-            w, kv = workers["sync" if mode == "per-block" else mode]
+        def load(mode: str) -> float | tuple[float, float]:
+            w, kv = workers[{"per-block": "sync", "async": "layerwise"}.get(mode, mode)]
             for t in kv.values():
                 t.zero_()
             t0 = time.perf_counter()
-            if mode == "per-block":
+            if mode == "async":
+                w.start_load_kv(meta_async)
+                started = time.perf_counter() - t0
+                while "r" not in w.get_finished_loads():
+                    time.sleep(0)
+                if w.get_block_ids_with_load_errors():
+                    raise AssertionError("async: load errors")
+            elif mode == "per-block":
                 lease = pool.acquire(keys)
                 try:
                     w._load_per_block(lease, BlockTransfer("r", list(block_ids), list(keys)), len(lease))
@@ -114,13 +126,16 @@ def run(mib: int = 32, runs: int = 3, reps: int = 7, kernel: str = "auto", pool_
                 want = data[:, layer].reshape(n, -1).view(np.uint16)
                 if not np.array_equal(got, want):
                     raise AssertionError(f"{mode}: layer {layer} differs")
-            return dt
+            return (started, dt) if mode == "async" else dt
 
         for _ in range(runs):
             per = {m: [] for m in times}
             for _ in range(reps):
                 for mode in ("layerwise", "sync", "per-block"):
                     per[mode].append(load(mode))
+                started, landed = load("async")
+                per["async-start"].append(started)
+                per["async-landed"].append(landed)
                 t0 = time.perf_counter()
                 np.copyto(dst, src)
                 per["memcpy"].append(time.perf_counter() - t0)

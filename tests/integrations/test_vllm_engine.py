@@ -151,6 +151,37 @@ def test_second_turn_on_another_engine_hits_the_first_turns_generated_blocks(vll
     assert hf2 and hf2 == ref["tokens"][0][:len(hf2)]
 
 
+def test_asynchronous_loads_are_token_identical_and_survive_an_eviction_race(vllm_python, tiny_llama, pool_name,
+                                                                             tmp_path):
+    """async_load_bytes=0: every load goes through WAITING_FOR_REMOTE_KVS and get_finished."""
+    prompts, _ = _prompts()
+    full = [(len(p) - 1) // BS * BS for p in prompts]
+    stats, fault = tmp_path / "engine.jsonl", tmp_path / "fault"
+    run = V.run_engine(tiny_llama, [
+        # Computed from scratch (the pool is empty) and saved: the reference.
+        {"prompts": prompts, "max_tokens": 16},
+        # Own prefix cache dropped: every prompt's blocks come from the pool, asynchronously.
+        {"prompts": prompts, "max_tokens": 16, "reset_prefix_cache": True},
+        # The pool is emptied between the scheduler's match and the worker's load.
+        {"prompts": prompts, "max_tokens": 16, "reset_prefix_cache": True,
+         "write_file": [str(fault), "evict-before-load"]},
+    ], _kvt("kv_both", pool_name, str(stats), async_load_bytes=0), env={"PYKVSHM_VLLM_FAULT_FILE": str(fault)},
+        metrics=True)
+    ref, hit, evicted = run["batches"]
+    assert ref["num_cached_tokens"] == [0, 0, 0]
+    assert hit["num_cached_tokens"] == full
+    assert hit["tokens"] == ref["tokens"]
+    assert hit["metrics"]["vllm:pykvshm_load_async_requests_total"] == 3
+    assert hit["metrics"]["vllm:pykvshm_load_blocks_total"] == sum(full) // BS
+    assert evicted["tokens"] == ref["tokens"]
+    lines = _stats(stats)
+    assert sum(s["async_reqs"] for s in lines) >= 4  # batch 2's three and at least one of batch 3
+    assert sum(s["load_failed"] for s in lines) > 0
+    with pykvshm.Pool.open(pool_name) as pool:
+        assert pool.stats()["pinned"] == 0
+        pool.check()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_TP") != "1",
                     reason="two TP=2 engines take ~5 min on a 2-core machine; set PYKVSHM_VLLM_TP=1")

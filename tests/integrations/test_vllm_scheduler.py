@@ -26,7 +26,7 @@ def test_scheduler_level_suite(vllm_python: str, tmp_path) -> None:
 
 
 def test_connector_load_benchmark_is_bit_exact(vllm_python: str, tmp_path) -> None:
-    """The load benchmark's three load paths (layer-wise queued, synchronous, per-block) each put
+    """The load benchmark's load paths (layer-wise queued, synchronous, per-block, asynchronous) each put
     the published prefix into scattered engine blocks of vLLM-shaped CPU KV tensors, checked byte
     for byte inside the benchmark (a tiny size: correctness, not speed)."""
     out = tmp_path / "r.json"
@@ -36,5 +36,6 @@ def test_connector_load_benchmark_is_bit_exact(vllm_python: str, tmp_path) -> No
     import json
 
     res = json.loads(out.read_text())
-    assert res["blocks"] == 2 and set(res["modes"]) == {"layerwise", "sync", "per-block", "memcpy"}
+    assert res["blocks"] == 2 and set(res["modes"]) == {"layerwise", "sync", "per-block", "async-start",
+                                                         "async-landed", "memcpy"}
     assert all(v["median_s"] > 0 for v in res["modes"].values())

@@ -32,6 +32,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "stats_file": None,           # append one JSON line of worker load/save timings per step
     "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
     "save_generated": True,       # also save blocks that fill up during decode (multi-turn hits)
+    "async_load_bytes": 64 << 20,  # loads of at least this many bytes (per rank) go asynchronous; None: never
 }
 CREATE_MODES = ("open", "create", "create_or_open")
 
@@ -54,6 +55,7 @@ class ConnectorConfig:
     stats_file: str | None
     layerwise_loads: bool = True  # loads queued per layer; wait_for_layer_load waits for one layer
     save_generated: bool = True   # save blocks that fill up during decode too
+    async_load_bytes: int | None = 64 << 20  # loads this large run asynchronously (WAITING_FOR_REMOTE_KVS)
     tp_rank: int = 0              # this process's tensor-parallel rank (0 in the scheduler)
     tp_size: int = 1
     rank_salts: tuple[bytes, ...] = ()  # the salt of every tensor-parallel rank; rank_salts[tp_rank] == salt
@@ -77,6 +79,16 @@ class ConnectorConfig:
         for flag in ("layerwise_loads", "save_generated"):
             if not isinstance(opt[flag], bool):
                 raise ValueError(f"kv_connector_extra_config {flag!r} must be true or false, got {opt[flag]!r}")
+        async_bytes = opt["async_load_bytes"]
+        if isinstance(async_bytes, bool):
+            raise ValueError("kv_connector_extra_config 'async_load_bytes' must be a size (bytes or e.g. '64MiB'), "
+                             f"0 or null, got {async_bytes!r}")
+        if async_bytes is not None and async_bytes != 0:  # 0: every load asynchronous; None: none
+            try:
+                async_bytes = parse_size(async_bytes)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"kv_connector_extra_config 'async_load_bytes' must be a size (bytes or e.g. "
+                                 f"'64MiB'), 0 or null, got {async_bytes!r}") from e
 
         par = vllm_config.parallel_config
         if getattr(par, "pipeline_parallel_size", 1) != 1:
@@ -115,6 +127,7 @@ class ConnectorConfig:
             stats_file=opt["stats_file"],
             layerwise_loads=opt["layerwise_loads"],
             save_generated=opt["save_generated"],
+            async_load_bytes=async_bytes,
             tp_rank=tp_rank,
             tp_size=tp_size,
             rank_salts=rank_salts,

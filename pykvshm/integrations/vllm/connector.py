@@ -89,6 +89,11 @@ class PykvshmConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose asynchronous load has landed since the last call (nothing is sent
+        asynchronously: saves commit in wait_for_save)."""
+        return None, self.worker_side.get_finished_loads()
+
     # ---- both roles: vLLM's KV-connector stats (Prometheus /metrics) ----
     def get_kv_connector_stats(self) -> PykvshmStats | None:
         """What this half counted since vLLM last asked (workers: loads and saves; scheduler:

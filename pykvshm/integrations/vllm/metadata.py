@@ -32,7 +32,13 @@ class BlockTransfer:
 
 @dataclass
 class PykvshmMetadata(KVConnectorMetadata):
-    """One step's work: loads run before the forward pass, saves layer by layer during it."""
+    """One step's work: loads run before the forward pass, saves layer by layer during it.
+
+    ``async_loads`` are loads of requests that wait in WAITING_FOR_REMOTE_KVS: the worker starts
+    them and reports each request through ``get_finished`` once its blocks have landed, in a
+    later step; no forward pass waits for them.
+    """
 
     loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
+    async_loads: list[BlockTransfer] = field(default_factory=list)

@@ -4,6 +4,11 @@ It only reads the pool's index (`Pool.match`, side-effect free); pins, copies an
 writes are the worker half's.  A hit found here can be gone by the time the worker
 loads it (another engine's save evicted it); the worker then reports those engine
 blocks as load errors and vLLM recomputes them (`kv_load_failure_policy="recompute"`).
+
+Loads of at least ``async_load_bytes`` are asynchronous: `get_num_new_matched_tokens` says so,
+vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks allocated, the load travels
+in that step's `async_loads`, and the request is scheduled once every worker has reported it
+finished (`get_finished`), so a long load never holds up the batch's forward passes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class SchedulerSide:
         self.pool = pool
         self._reqs: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}  # req id -> external tokens granted this step
+        self._asked: dict[str, int] = {}          # req id -> tokens computed locally when it was matched
+        self._async_blocks: dict[str, list[int]] = {}  # req id -> engine blocks allocated for a pending load
         self.stats = PykvshmStats()
 
     # ---- keys ----
@@ -73,7 +80,11 @@ class SchedulerSide:
             hit = min(hit, self.pool.match(rank_keys[:hit]))
             if hit * bs <= num_computed_tokens:
                 return 0, False
-        return hit * bs - num_computed_tokens, False
+        self._asked[request.request_id] = num_computed_tokens
+        ext = hit * bs - num_computed_tokens
+        threshold = self.cfg.async_load_bytes
+        load_async = threshold is not None and -(-ext // bs) * self.cfg.spec.block_bytes >= threshold
+        return ext, load_async
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._track(request)
@@ -82,10 +93,14 @@ class SchedulerSide:
             if num_external_tokens > 0:
                 self.stats.add("hit_tokens", num_external_tokens)
                 self.stats.add("hit_blocks", num_external_tokens // self.cfg.block_size)
+        rid = request.request_id
         if num_external_tokens > 0:
-            self._pending_loads[request.request_id] = num_external_tokens
+            self._pending_loads[rid] = num_external_tokens
+            # If vLLM parks the request for an asynchronous load, it never shows up in this step's
+            # scheduled requests; the blocks it was given are only known here.
+            self._async_blocks[rid] = list(blocks.get_block_ids()[0])
         else:
-            self._pending_loads.pop(request.request_id, None)
+            self._pending_loads.pop(rid, None)
 
     def build_connector_meta(self, so: Any) -> PykvshmMetadata:
         meta = PykvshmMetadata()
@@ -107,8 +122,27 @@ class SchedulerSide:
             elif new_ids:
                 t.block_ids.extend(new_ids[0])
             self._plan(meta, req_id, t, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(req_id, 0), resumed)
+        self._plan_async_loads(meta)
         self._pending_loads.clear()
+        self._async_blocks.clear()
         return meta
+
+    def _plan_async_loads(self, meta: PykvshmMetadata) -> None:
+        """Loads granted this step whose requests vLLM parked in WAITING_FOR_REMOTE_KVS."""
+        from vllm.v1.request import RequestStatus
+
+        for req_id, ext in self._pending_loads.items():
+            t = self._reqs.get(req_id)
+            if t is None or t.request.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+                continue  # scheduled this step (a synchronous load, planned above) or not admitted
+            bs = self.cfg.block_size
+            local = self._asked.get(req_id, 0)
+            lo, hi = local // bs, (local + ext) // bs
+            t.block_ids = self._async_blocks.get(req_id, [])
+            if hi > len(t.block_ids) or hi > len(t.keys[0]):
+                raise RuntimeError(f"request {req_id}: asynchronous load of blocks {lo}..{hi - 1} but vLLM "
+                                   f"allocated {len(t.block_ids)} and the prompt has {len(t.keys[0])} full blocks")
+            meta.async_loads.append(self._transfer(req_id, t, list(range(lo, hi))))
 
     def _plan(self, meta: PykvshmMetadata, req_id: str, t: _Tracked, computed: int, scheduled: int,
               first: bool) -> None:
@@ -147,8 +181,13 @@ class SchedulerSide:
         # token (committed in wait_for_save), so nothing is left to save here and vLLM may free
         # the blocks now.  The last sampled token never has KV, so a block it would complete is
         # not full in the KV cache and is not saved.
-        self._reqs.pop(request.request_id, None)
-        self._pending_loads.pop(request.request_id, None)
+        rid = request.request_id
+        self._reqs.pop(rid, None)
+        self._pending_loads.pop(rid, None)
+        self._asked.pop(rid, None)
+        # A request aborted while its asynchronous load is still copying into its engine blocks
+        # keeps them: vLLM itself delays freeing a WAITING_FOR_REMOTE_KVS request's blocks until
+        # the workers report its load finished (which they do, finished or not).
         return False, None
 
     def get_kv_connector_stats(self) -> PykvshmStats | None:

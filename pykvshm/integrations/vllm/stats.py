@@ -11,7 +11,7 @@ Counting rules (what each counter means when several ranks add theirs):
 - scheduler: ``lookups`` (requests the scheduler asked the pool about, once per scheduling),
   ``hit_blocks``/``hit_tokens`` (blocks and tokens the connector granted; at TP > 1 the match is
   already the minimum over ranks);
-- workers: ``load_reqs``, ``load_blocks``, ``load_failed_blocks``, ``save_blocks`` and
+- workers: ``load_reqs``, ``load_async_reqs``, ``load_blocks``, ``load_failed_blocks``, ``save_blocks`` and
   ``save_skipped_blocks`` are engine blocks, counted by tensor-parallel rank 0 only (every rank
   moves its shard of the same blocks); ``load_bytes``, ``save_bytes`` are every rank's shards
   summed (what crossed the pool); ``load_seconds``, ``save_seconds`` are the connector's time on
@@ -31,6 +31,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "hit_blocks": ("vllm:pykvshm_hit_blocks", "Engine blocks the pykvshm connector granted from the pool"),
     "hit_tokens": ("vllm:pykvshm_hit_tokens", "Prompt tokens the pykvshm connector granted from the pool"),
     "load_reqs": ("vllm:pykvshm_load_requests", "Requests whose blocks were loaded from the pykvshm pool"),
+    "load_async_reqs": ("vllm:pykvshm_load_async_requests",
+                        "Requests whose load ran asynchronously (WAITING_FOR_REMOTE_KVS, async_load_bytes)"),
     "load_blocks": ("vllm:pykvshm_load_blocks", "Engine blocks loaded from the pykvshm pool"),
     "load_failed_blocks": ("vllm:pykvshm_load_failed_blocks",
                            "Engine blocks whose load failed (gone from the pool); vLLM recomputes them"),

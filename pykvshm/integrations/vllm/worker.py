@@ -15,7 +15,12 @@ blocks for keys the pool lacks (`Pool.writer`), each layer queues one batched sc
 engine blocks into them (`Writer.write_spans`), and `wait_for_save` waits for them and
 commits only writers that received every layer.
 
-CUDA KV caches keep the per-block DMA path from the registered pool (not batched yet).
+Asynchronous loads (`async_loads`, requests vLLM parked in WAITING_FOR_REMOTE_KVS) are queued
+the same way but nothing waits for them in a forward pass: `get_finished` reports each request
+once every layer has landed, and its pins go then.
+
+CUDA KV caches keep the per-block DMA path from the registered pool (not batched yet); their
+asynchronous loads are copied at once and reported finished in the same step.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class _StepStats:
     save_skipped: int = 0
     save_s: float = 0.0
     load_reqs: list[str] = field(default_factory=list)
+    async_reqs: int = 0
 
 
 class WorkerSide:
@@ -98,6 +104,8 @@ class WorkerSide:
         self._failed_reqs: set[str] = set()
         self._load_errors: set[int] = set()
         self._loads: list[_Load] = []          # this step's queued loads (released after the last layer)
+        self._async_loads: dict[str, tuple[BlockTransfer, _Load]] = {}  # WAITING_FOR_REMOTE_KVS loads in flight
+        self._finished_loads: set[str] = set()  # asynchronous loads done, not yet reported
         self._chunks: tuple[int, int, int] = (1, 0, 0)  # per layer tensor: (outer, blocks, inner bytes)
         self._batched = False                  # host KV caches: batched span copies through the copy engine
         self._stats = _StepStats()
@@ -156,44 +164,61 @@ class WorkerSide:
     def start_load_kv(self, meta: PykvshmMetadata) -> None:
         t0 = time.perf_counter()
         self._finish_loads()  # a previous step's loads, if vLLM never waited for their last layer
-        if meta.loads and _fault("evict-before-load"):
+        if (meta.loads or meta.async_loads) and _fault("evict-before-load"):
             evict_all(self.pool)
         for tr in meta.loads:
-            got = self._load_one(tr)
-            self._stats.load_blocks += got
-            self._stats.load_reqs.append(tr.req_id)
-            if got < len(tr.block_ids):
-                self._load_errors.update(tr.block_ids[got:])
+            got, load = self._load_one(tr, layerwise=self.cfg.layerwise_loads)
+            if load is not None:
+                self._loads.append(load)
+            if self._account(tr, got):
                 self._failed_reqs.add(tr.req_id)
-                self._stats.load_failed += len(tr.block_ids) - got
+        for tr in meta.async_loads:
+            # Nobody waits for these inside a forward pass: get_finished_loads polls them.
+            got, load = self._load_one(tr, layerwise=True)
+            self._account(tr, got)
+            self._stats.async_reqs += 1
+            if load is None:
+                self._finished_loads.add(tr.req_id)
+            else:
+                self._async_loads[tr.req_id] = (tr, load)
         self._stats.load_s += time.perf_counter() - t0
 
-    def _load_one(self, tr: BlockTransfer) -> int:
-        """Pin the longest present prefix of ``tr`` and start copying it into its engine blocks
-        (queued per layer on the copy engine); returns the blocks it will copy."""
+    def _account(self, tr: BlockTransfer, got: int) -> bool:
+        """Count one request's load of ``got`` of its blocks; the rest are load errors (True if any)."""
+        self._stats.load_blocks += got
+        self._stats.load_reqs.append(tr.req_id)
+        if got == len(tr.block_ids):
+            return False
+        self._load_errors.update(tr.block_ids[got:])
+        self._stats.load_failed += len(tr.block_ids) - got
+        return True
+
+    def _load_one(self, tr: BlockTransfer, layerwise: bool) -> tuple[int, "_Load | None"]:
+        """Pin the longest present prefix of ``tr`` and copy it into its engine blocks: queued per
+        layer on the copy engine when ``layerwise`` (the returned `_Load` holds the pins until its
+        copies are done), otherwise before returning.  Returns how many blocks it loads."""
         lease = self.pool.acquire(tr.keys_for(self.cfg.tp_rank))
         n = len(lease)
         if n == 0:
             lease.release()
-            return 0
+            return 0, None
         if not self._batched:
             try:
                 self._load_per_block(lease, tr, n)
             finally:
                 lease.release()
-            return n
+            return n, None
         layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
         j, slot_off, kv_off, size = self._spans(tr.block_ids[:n])
         futures = []
         try:
             for layer, kv in enumerate(self._layers):
                 futures.append(lease.read_spans(kv, j, layer * layer_bytes + slot_off, kv_off, size,
-                                                wait=not self.cfg.layerwise_loads))
+                                                wait=not layerwise))
         except BaseException:
             lease.release()  # waits for what was queued
             raise
-        self._loads.append(_Load(lease, futures))
-        return n
+        return n, _Load(lease, futures)
 
     def _load_per_block(self, lease: Any, tr: BlockTransfer, n: int) -> None:
         """CUDA (or non-contiguous) KV caches: one DMA per block and layer from the registered pool."""
@@ -234,6 +259,28 @@ class WorkerSide:
         loads, self._loads = self._loads, []
         for ld in loads:
             ld.lease.release()  # waits for every queued layer first
+
+    def get_finished_loads(self) -> set[str]:
+        """Requests whose asynchronous load has landed (or failed) since the last call; their pins
+        are dropped.  A copy that failed makes all of its request's blocks load errors, reported by
+        the get_block_ids_with_load_errors call that vLLM makes right after this one."""
+        done, self._finished_loads = self._finished_loads, set()
+        for rid, (tr, ld) in list(self._async_loads.items()):
+            if not all(f is None or f.done() for f in ld.futures):
+                continue
+            del self._async_loads[rid]
+            try:
+                for f in ld.futures:
+                    if f is not None:
+                        f.wait()
+            except Exception:
+                self._load_errors.update(tr.block_ids)
+                if self.cfg.tp_rank == 0:
+                    self._interval.add("load_failed_blocks", len(tr.block_ids))
+            finally:
+                ld.lease.release()
+            done.add(rid)
+        return done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -314,6 +361,7 @@ class WorkerSide:
         iv, bb = self._interval, self.cfg.spec.block_bytes
         if self.cfg.tp_rank == 0:
             iv.add("load_reqs", len(s.load_reqs))
+            iv.add("load_async_reqs", s.async_reqs)
             iv.add("load_blocks", s.load_blocks)
             iv.add("load_failed_blocks", s.load_failed)
             iv.add("save_blocks", s.save_blocks)
@@ -331,13 +379,16 @@ class WorkerSide:
     def _write_stats(self) -> None:
         s = self._stats
         line = {"pid": os.getpid(), "t": time.time(), "load_reqs": s.load_reqs, "load_blocks": s.load_blocks,
-                "load_failed": s.load_failed, "load_ms": round(s.load_s * 1e3, 3), "save_blocks": s.save_blocks,
+                "load_failed": s.load_failed, "async_reqs": s.async_reqs, "load_ms": round(s.load_s * 1e3, 3), "save_blocks": s.save_blocks,
                 "save_skipped": s.save_skipped, "save_ms": round(s.save_s * 1e3, 3)}
         with open(str(self.cfg.stats_file), "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def shutdown(self) -> None:
         self._finish_loads()
+        for _, ld in self._async_loads.values():
+            ld.lease.release()
+        self._async_loads.clear()
         for s in self._saves or []:
             s.dst = None
             s.writer.abort()

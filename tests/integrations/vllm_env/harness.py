@@ -8,7 +8,7 @@ KV cache tensors of the CPU backend's shape, so loads and saves move real bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,6 +82,7 @@ class Worker:
 
     connector: Any
     kv: dict[str, torch.Tensor]
+    finished: set[str] = field(default_factory=set)  # asynchronous loads reported by the last step
 
     @classmethod
     def create(cls, cfg: Any, num_blocks: int = 128, seed: int | None = None) -> "Worker":
@@ -106,6 +107,7 @@ class Worker:
             self.connector.wait_for_layer_load(name)
             self.connector.save_kv_layer(name, t, None)
         self.connector.wait_for_save()
+        self.finished = set(self.connector.get_finished(set())[1] or ())  # before the errors, as vLLM asks
         errors = self.connector.get_block_ids_with_load_errors()
         self.connector.clear_connector_metadata()
         return errors
@@ -115,7 +117,8 @@ class Worker:
         return torch.stack([t[block_id] for t in self.kv.values()])
 
 
-def model_output(sched_out: Any, sched: Any, invalid_block_ids: set[int] | None = None, token: int = 7) -> Any:
+def model_output(sched_out: Any, sched: Any, invalid_block_ids: set[int] | None = None, token: int = 7,
+                 finished_recving: set[str] | None = None) -> Any:
     """A ModelRunnerOutput sampling `token` for every request whose prompt this step completes
     (a partial prefill samples nothing, as the model runner discards it)."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
@@ -129,5 +132,6 @@ def model_output(sched_out: Any, sched: Any, invalid_block_ids: set[int] | None 
     return ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
         sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={}, pooler_output=[],
-        kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid_block_ids or ())),
+        kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid_block_ids or ()),
+                                              finished_recving=set(finished_recving or ())),
     )
