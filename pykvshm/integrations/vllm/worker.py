@@ -19,8 +19,12 @@ Asynchronous loads (`async_loads`, requests vLLM parked in WAITING_FOR_REMOTE_KV
 the same way but nothing waits for them in a forward pass: `get_finished` reports each request
 once every layer has landed, and its pins go then.
 
-CUDA KV caches keep the per-block DMA path from the registered pool (not batched yet); their
-asynchronous loads are copied at once and reported finished in the same step.
+CUDA KV caches take the same batched shape through `PagedGather` (pykvshm/_torch.py): the
+registered pool mapping is viewed as a device tensor, and one layer's load (or save) is one
+row gather between it and the layer's KV tensor, queued on a load stream whose per-layer events
+the compute stream waits on (`wait_for_layer_load` does not block the host).  No GPU has been
+available to run it; the same gathers run on CPU tensors in the tests.  Non-contiguous caches
+copy block by block.
 """
 
 from __future__ import annotations
@@ -71,14 +75,40 @@ class _Save:
     transfer: BlockTransfer
     writer: Any
     block_ids: list[int]   # engine block id of each reserved pool block
-    dst: list[Any] | None  # CUDA only: uint8 tensors over the reserved pool blocks (dropped before commit)
+    dst: list[Any] | None  # per-block path only: uint8 tensors over the reserved pool blocks (dropped before commit)
+    plan: Any = None       # PagedGather path: the row plan of the reserved blocks
     layers_done: set[int] = field(default_factory=set)
 
 
 @dataclass
 class _Load:
     lease: Any
-    futures: list[Any]     # one per layer (None: copied synchronously)
+    futures: list[Any]     # one per layer: a CopyFuture, a _LayerEvent (CUDA) or None (copied already)
+
+    def settle(self) -> None:
+        """Wait until nothing reads the leased blocks any more, then drop the pins."""
+        for f in self.futures:
+            if isinstance(f, _LayerEvent):
+                f.event.synchronize()
+        self.lease.release()  # waits for queued copy-engine gathers too
+
+
+class _LayerEvent:
+    """A CUDA event recorded on the load stream after one layer's gather."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+    def wait(self) -> None:
+        """Make the compute stream wait for the layer (the host does not block)."""
+        import torch
+
+        torch.cuda.current_stream().wait_event(self.event)
 
 
 @dataclass
@@ -108,6 +138,8 @@ class WorkerSide:
         self._finished_loads: set[str] = set()  # asynchronous loads done, not yet reported
         self._chunks: tuple[int, int, int] = (1, 0, 0)  # per layer tensor: (outer, blocks, inner bytes)
         self._batched = False                  # host KV caches: batched span copies through the copy engine
+        self._gather: Any = None               # CUDA KV caches: PagedGather over a device view of the pool
+        self._load_stream: Any = None          # CUDA: the stream gathers run on
         self._stats = _StepStats()
         self._interval = PykvshmStats()  # vLLM's KV-connector stats since its last get_kv_connector_stats
 
@@ -149,7 +181,24 @@ class WorkerSide:
         outer = int(np.prod(shape[:self._block_dim], dtype=np.int64))
         inner = int(np.prod(shape[self._block_dim + 1:], dtype=np.int64)) * first.element_size()
         self._chunks = (outer, int(shape[self._block_dim]), inner)
-        self._batched = first.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
+        contiguous = all(t.is_contiguous() for t in tensors)
+        self._batched = first.device.type == "cpu" and contiguous
+        if first.device.type == "cuda" and contiguous:
+            import torch
+
+            self._use_paged_gather()
+            self._load_stream = torch.cuda.Stream(device=first.device)
+
+    def _use_paged_gather(self) -> None:
+        """Move blocks by row gathers on the KV cache's device (the CUDA path); tests call it
+        directly to run that path over CPU tensors."""
+        from ... import _torch
+
+        core = self.pool._live()
+        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        pool_t = _torch.pool_tensor(int(core.address), int(core.total_bytes), self._layers[0].device)
+        self._gather = _torch.PagedGather(pool_t, int(core.address), layer_bytes, self._chunks)
+        self._batched = False
 
     def _spans(self, block_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(pool block numbers, offsets in the layer slot, offsets in the engine layer tensor, size)
@@ -202,6 +251,8 @@ class WorkerSide:
         if n == 0:
             lease.release()
             return 0, None
+        if self._gather is not None:
+            return n, self._gather_load(lease, tr, n)
         if not self._batched:
             try:
                 self._load_per_block(lease, tr, n)
@@ -219,6 +270,35 @@ class WorkerSide:
             lease.release()  # waits for what was queued
             raise
         return n, _Load(lease, futures)
+
+    def _gather_load(self, lease: Any, tr: BlockTransfer, n: int) -> _Load:
+        """One row gather per layer from the pool into the engine blocks: on CUDA queued on the
+        load stream (after what the compute stream has queued, e.g. the blocks' zeroing), each
+        layer followed by an event; on the CPU done before returning."""
+        import contextlib
+
+        import torch
+
+        try:
+            addrs = [int(v.ctypes.data) for v in lease.views()]  # the views go before the pins can
+            plan = self._gather.plan(addrs, tr.block_ids[:n])
+            stream = self._load_stream
+            events: list[Any] = []
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(stream.device))
+                for layer, kv in enumerate(self._layers):
+                    self._gather.load(kv, layer, plan)
+                    if stream is not None:
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
+                        events.append(_LayerEvent(ev))
+        except BaseException:
+            if self._load_stream is not None:
+                self._load_stream.synchronize()
+            lease.release()
+            raise
+        return _Load(lease, events or [None] * len(self._layers))
 
     def _load_per_block(self, lease: Any, tr: BlockTransfer, n: int) -> None:
         """CUDA (or non-contiguous) KV caches: one DMA per block and layer from the registered pool."""
@@ -250,7 +330,7 @@ class WorkerSide:
         for ld in self._loads:
             f = ld.futures[layer]
             if f is not None:
-                f.wait()
+                f.wait()  # a CUDA layer event: the compute stream waits, not the host
         if layer == len(self._layers) - 1:
             self._finish_loads()
         self._stats.load_s += time.perf_counter() - t0
@@ -258,7 +338,7 @@ class WorkerSide:
     def _finish_loads(self) -> None:
         loads, self._loads = self._loads, []
         for ld in loads:
-            ld.lease.release()  # waits for every queued layer first
+            ld.settle()  # waits for every queued layer first
 
     def get_finished_loads(self) -> set[str]:
         """Requests whose asynchronous load has landed (or failed) since the last call; their pins
@@ -271,14 +351,14 @@ class WorkerSide:
             del self._async_loads[rid]
             try:
                 for f in ld.futures:
-                    if f is not None:
-                        f.wait()
+                    if f is not None and not isinstance(f, _LayerEvent):
+                        f.wait()  # raises a failed copy's error
             except Exception:
                 self._load_errors.update(tr.block_ids)
                 if self.cfg.tp_rank == 0:
                     self._interval.add("load_failed_blocks", len(tr.block_ids))
             finally:
-                ld.lease.release()
+                ld.settle()
             done.add(rid)
         return done
 
@@ -302,7 +382,12 @@ class WorkerSide:
         lo, hi = layer * layer_bytes, (layer + 1) * layer_bytes
         cuda = kv_layer.device.type == "cuda"
         for s in self._saves:
-            if self._batched and kv_layer.is_contiguous():
+            if self._gather is not None:
+                if s.plan is None:
+                    addrs = [int(v.ctypes.data) for v in s.writer.views()]  # dropped before commit
+                    s.plan = self._gather.plan(addrs, s.block_ids)
+                self._gather.save(kv_layer, layer, s.plan)  # on the stream that computed kv_layer
+            elif self._batched and kv_layer.is_contiguous():
                 # One scatter per writer and layer, queued: wait_for_save waits for it.
                 j, slot_off, kv_off, size = self._spans(s.block_ids)
                 s.writer.write_spans(kv_layer, j, lo + slot_off, kv_off, size, wait=False)
@@ -313,7 +398,7 @@ class WorkerSide:
                     src = kv_layer.select(self._block_dim, bid).view(torch.uint8)
                     dst[lo:hi].view(src.shape).copy_(src, non_blocking=cuda)
             s.layers_done.add(layer)
-        if cuda:
+        if cuda and self._gather is None:
             torch.cuda.current_stream(kv_layer.device).synchronize()
         self._stats.save_s += time.perf_counter() - t0
 
@@ -339,6 +424,10 @@ class WorkerSide:
     def wait_for_save(self) -> None:
         t0 = time.perf_counter()
         n = self.cfg.spec.num_layers
+        if self._saves and self._gather is not None and self._layers[0].device.type == "cuda":
+            import torch
+
+            torch.cuda.current_stream(self._layers[0].device).synchronize()  # every layer's save has landed
         for s in self._saves or []:
             s.dst = None  # the views go before the writer can commit or abort
             if len(s.layers_done) == n:
@@ -387,7 +476,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._finish_loads()
         for _, ld in self._async_loads.values():
-            ld.lease.release()
+            ld.settle()
         self._async_loads.clear()
         for s in self._saves or []:
             s.dst = None
