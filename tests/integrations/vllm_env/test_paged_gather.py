@@ -4,6 +4,8 @@ operations, checked byte for byte against the copy-engine path (no GPU on this m
 
 from __future__ import annotations
 
+import time
+
 import harness as H
 import pytest
 import torch
@@ -18,7 +20,7 @@ def gather_worker(cfg, seed=None) -> H.Worker:
     return w
 
 
-def schedule_all(sched, worker, max_steps=50):
+def schedule_all(sched, worker, max_steps=400):
     """Run steps until every request sampled its first token; returns the block ids per request."""
     ids = {}
     for _ in range(max_steps):
@@ -30,6 +32,8 @@ def schedule_all(sched, worker, max_steps=50):
         sched.update_from_output(so, H.model_output(so, sched, finished_recving=worker.finished))
         if all(r.num_output_tokens > 0 for r in sched.requests.values()):  # max_tokens=1 ones are gone
             return ids
+        if so.total_num_scheduled_tokens == 0:
+            time.sleep(0.005)  # only asynchronous loads in flight (slow on a loaded machine)
     raise AssertionError("requests never finished their prefill")
 
 
