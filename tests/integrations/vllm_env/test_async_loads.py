@@ -29,10 +29,11 @@ def step(sched, worker):
     return so, errors, worker.finished
 
 
-def until_loaded(sched, worker, req_id: str, max_steps: int = 200) -> list:
+def until_loaded(sched, worker, req_id: str, timeout: float = 30.0) -> list:
     """Step until the worker reports ``req_id``'s asynchronous load finished; returns the steps."""
     steps = []
-    for _ in range(max_steps):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         steps.append(step(sched, worker))
         if req_id in steps[-1][2]:
             return steps
@@ -128,7 +129,8 @@ def test_request_aborted_during_its_load_keeps_its_blocks_until_the_load_ends(mo
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() < free_before
     worker.run_step(so.kv_connector_metadata)
     if "b" not in worker.finished:
-        for _ in range(200):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             s = sched.schedule()
             worker.run_step(s.kv_connector_metadata)
             sched.update_from_output(s, H.model_output(s, sched, finished_recving=worker.finished))
