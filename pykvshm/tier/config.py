@@ -40,6 +40,8 @@ class TierConfig:
 
 
 def _size(name: str, v: str) -> int:
+    if v.strip() == "0":
+        return 0
     try:
         n = parse_size(v)
     except (ValueError, TypeError) as e:

@@ -28,6 +28,11 @@ _COUNTERS = ("demoted", "demote_skipped", "demote_failed", "promoted", "promote_
 _RECENT_S = 2.0
 
 
+def _arr(kb: bytes) -> np.ndarray:
+    """Concatenated 16-byte keys as the (n, 16) uint8 array the pool's calls take."""
+    return np.frombuffer(kb, dtype=np.uint8).reshape(-1, 16)
+
+
 def _split(kb: bytes) -> list[bytes]:
     return [kb[i:i + 16] for i in range(0, len(kb), 16)]
 
@@ -156,7 +161,7 @@ class Tier:
         tails: list[tuple[int, list[bytes]]] = []
         wanted: dict[str, None] = {}
         for kb in requests:
-            m = pool.match(kb)
+            m = pool.match(_arr(kb))
             tail = _split(kb)[m:]
             tails.append((m, tail))
             for k in tail:
@@ -177,7 +182,7 @@ class Tier:
                 payloads.append(memoryview(v)[fmt.HEADER_BYTES:])
             if good:
                 self._commit(b"".join(good), payloads)
-            out.append(pool.match(kb))
+            out.append(pool.match(_arr(kb)))
         return out
 
     def _commit(self, kb: bytes, payloads: list[memoryview]) -> None:
@@ -218,7 +223,7 @@ class Tier:
         """Copy the pool's blocks of ``keys`` (its present prefix of them) into the store now."""
         with self._demote_lock:
             kb = keys_buffer(keys)
-            lease = self._pool.acquire(kb)
+            lease = self._pool.acquire(_arr(kb))
             return self._demote_lease(lease, _split(kb)[:len(lease)])
 
     def _demote_lease(self, lease: Any, keys: list[bytes]) -> int:
