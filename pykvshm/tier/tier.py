@@ -68,6 +68,7 @@ class Tier:
         self._store = MooncakeStore(self.config)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._count_lock = threading.Lock()
+        self._inflight: dict[bytes, concurrent.futures.Future[int]] = {}
         self._demote_lock = threading.Lock()
         # Keys this client stored or saw in the store lately (skips asking again); trusted for
         # _RECENT_S only, since the store evicts and a restarted master forgets.
@@ -128,6 +129,40 @@ class Tier:
             return fut
         self._requests.put((kb, fut))
         return fut
+
+    def extend_hit(self, rank_keys: list[list[bytes]], hit: int, wait: float = 0.0) -> int:
+        """For an engine's scheduler: the pool holds the first ``hit`` blocks of a request (of every
+        tensor-parallel rank's ``rank_keys``); promote what the store has beyond them, waiting at most
+        ``wait`` seconds, and return how many leading blocks the pool holds now for every rank.
+
+        With ``wait=0`` it only starts the promotion and returns ``hit``: a later scheduling of the
+        request (or the next request with the prefix) finds the blocks in the pool.  A request whose
+        promotion is already in flight is not promoted twice.  Never called on a full hit.
+        """
+        futs = []
+        for keys in rank_keys:
+            if len(keys) <= hit:
+                continue
+            kb = keys_buffer(keys)
+            with self._count_lock:
+                fut = self._inflight.get(kb)
+                if fut is None:
+                    fut = self.promote_async(np.frombuffer(kb, dtype=np.uint8).reshape(-1, 16))
+                    self._inflight[kb] = fut
+                    fut.add_done_callback(lambda _f, kb=kb: self._inflight_done(kb))
+            futs.append(fut)
+        if not futs:
+            return hit
+        if wait > 0:
+            concurrent.futures.wait(futs, timeout=wait)
+        n = min(len(keys) for keys in rank_keys)
+        for keys in rank_keys:
+            n = min(n, self._pool.match(keys[:n]))
+        return max(hit, n)
+
+    def _inflight_done(self, kb: bytes) -> None:
+        with self._count_lock:
+            self._inflight.pop(kb, None)
 
     def _promote_loop(self) -> None:
         while True:

@@ -187,3 +187,29 @@ def test_an_unreachable_store_is_a_clear_error(racks) -> None:
     with pytest.raises(TierUnavailableError, match="not reachable"):
         a.tier("mooncake://127.0.0.1:1?metadata=http://127.0.0.1:1/metadata")
     assert time.monotonic() - t0 < 30  # not the store client's own minute and a half of retries
+
+
+def test_the_schedulers_extend_hit_promotes_a_miss_once_and_never_a_hit(store: MooncakeCluster, racks) -> None:
+    a, b = racks
+    keys = prompt_keys(SPEC, 15, 8, b"s")
+    a.publish(keys, blocks_for_keys(keys, SPEC))
+    with a.tier(store.url(), demoter=False) as ta, b.tier(store.url(), demoter=False) as tb:
+        ta.demote_keys(keys[:6])
+        # Without waiting it only starts the promotion; the blocks are there by the next scheduling.
+        first = tb.extend_hit([keys], 0, wait=0.0)
+        assert first in (0, 6)
+        deadline = time.monotonic() + 30
+        while tb.extend_hit([keys], b.match(keys), wait=0.0) < 6:
+            assert time.monotonic() < deadline, tb.stats()
+            time.sleep(0.05)
+        assert tb.stats()["promoted"] == 6  # asked again and again, promoted once
+        assert tb.extend_hit([keys[:6]], 6, wait=5.0) == 6  # a full hit: nothing asked of the store
+        lookups = tb.stats()
+        b2 = keys[:2]
+        assert tb.extend_hit([b2, keys[:2]], 2, wait=5.0) == 2 and tb.stats() == lookups
+        # With a wait, a tensor-parallel pair of key lists comes back at the minimum over ranks.
+        other = prompt_keys(SPEC, 16, 8, b"s")
+        a.publish(other, blocks_for_keys(other, SPEC))
+        ta.demote_keys(other[:3])
+        assert tb.extend_hit([keys, other], 0, wait=10.0) == 3
+        assert [verify_block(x, k) for x, k in zip(_read(b, other), other)] == [True] * 3
