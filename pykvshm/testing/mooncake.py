@@ -84,7 +84,7 @@ def _tail(p: Path, n: int = 3000) -> str:
 class MooncakeCluster:
     """``mooncake_master`` (+ HTTP metadata) and optionally one storage ``mooncake_client``, on loopback."""
 
-    def __init__(self, workdir: Path | str, *, storage: str | None = "256MB", lease_ms: int = 200) -> None:
+    def __init__(self, workdir: Path | str, *, storage: str | None = "256MB", lease_ms: int = 5000) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.rpc_port = free_port()

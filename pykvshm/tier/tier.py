@@ -202,7 +202,13 @@ class Tier:
             for k in tail:
                 wanted[self.store_key(k)] = None
         names = list(wanted)
-        values = dict(zip(names, self._store.get(names))) if names else {}
+        # Reads in chunks of at most half the client's buffer and 16 MiB: a read holds a lease on
+        # its objects, and one that outlasts the lease fails whole (Mooncake's LEASE_EXPIRED).
+        per = max(1, min(16 << 20, self.config.buffer // 2) // (fmt.HEADER_BYTES + self._spec.block_bytes))
+        values: dict[str, bytes] = {}
+        for i in range(0, len(names), per):
+            chunk = names[i:i + per]
+            values.update(zip(chunk, self._store.get(chunk)))
         out = []
         for kb, (m, tail) in zip(requests, tails):
             good: list[bytes] = []
