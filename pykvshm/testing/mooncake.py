@@ -59,6 +59,7 @@ def free_port() -> int:
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    what = log.stem
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -67,10 +68,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Pa
         except OSError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}); log:\n{_tail(log)}")
+            raise RuntimeError(f"the Mooncake {what} process exited ({proc.returncode}); log:\n{_tail(log)}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{proc.args[0]} did not listen on 127.0.0.1:{port} within {timeout} s; log:\n"
-                               f"{_tail(log)}")
+            raise TimeoutError(f"the Mooncake {what} process did not listen on 127.0.0.1:{port} within {timeout} s; "
+                               f"log:\n{_tail(log)}")
         time.sleep(0.05)
 
 

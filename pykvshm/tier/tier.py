@@ -6,6 +6,7 @@ docs/design/tiering.md says what is guaranteed and how it is tested.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 import time
@@ -149,7 +150,7 @@ class Tier:
                 if fut is None:
                     fut = self.promote_async(np.frombuffer(kb, dtype=np.uint8).reshape(-1, 16))
                     self._inflight[kb] = fut
-                    fut.add_done_callback(lambda _f, kb=kb: self._inflight_done(kb))
+                    fut.add_done_callback(functools.partial(self._inflight_done, kb))
             futs.append(fut)
         if not futs:
             return hit
@@ -160,7 +161,7 @@ class Tier:
             n = min(n, self._pool.match(keys[:n]))
         return max(hit, n)
 
-    def _inflight_done(self, kb: bytes) -> None:
+    def _inflight_done(self, kb: bytes, _fut: Any = None) -> None:
         with self._count_lock:
             self._inflight.pop(kb, None)
 

@@ -83,7 +83,8 @@ class ConnectorConfig:
 
             parse_url(opt["tier"])  # a malformed URL fails here, with TierConfigError
         if not isinstance(opt["tier_wait"], (int, float)) or not 0 <= float(opt["tier_wait"]) <= 60:
-            raise ValueError(f"kv_connector_extra_config 'tier_wait' must be seconds in [0, 60], got {opt['tier_wait']!r}")
+            raise ValueError(
+                f"kv_connector_extra_config 'tier_wait' must be seconds in [0, 60], got {opt['tier_wait']!r}")
         for flag in ("layerwise_loads", "save_generated"):
             if not isinstance(opt[flag], bool):
                 raise ValueError(f"kv_connector_extra_config {flag!r} must be true or false, got {opt[flag]!r}")
