@@ -161,3 +161,21 @@ def test_victims_pinned_in_one_process_survive_evictions_in_another(pool_name: s
         pool.check(strict=True)
     finally:
         pool.close()
+
+
+def test_pin_victims_in_a_noncoherent_pool(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    pool = pykvshm.Pool.create(pool_name, spec=spec, capacity="8MiB", coherence="noncoherent")
+    try:
+        keys = prompt_keys(spec, 3, 6, b"n")
+        pool.publish(keys, blocks_for_keys(keys, spec))
+        handles, kb = pool._core.pin_victims(4)
+        got = [kb[i:i + 16] for i in range(0, len(kb), 16)]
+        assert len(handles) == 4 and set(got) <= set(keys)
+        lease = pykvshm.Lease(pool, handles)
+        views = lease.views()
+        assert all(verify_block(v, k) for v, k in zip(views, got))
+        del views
+        lease.release()
+        pool.check(strict=True)
+    finally:
+        pool.close()
