@@ -161,7 +161,7 @@ def test_concurrent_promotions_are_batched_and_each_gets_its_answer(store: Moonc
         tb.promote_async(prompts[0]).result(1)
 
 
-def test_a_store_that_dies_costs_misses_only(own_store: MooncakeCluster, racks) -> None:
+def test_a_store_that_dies_costs_misses_only_and_a_restarted_one_serves_again(own_store: MooncakeCluster, racks) -> None:
     a, b = racks
     keys = prompt_keys(SPEC, 13, 6, b"s")
     a.publish(keys, blocks_for_keys(keys, SPEC))
@@ -179,6 +179,18 @@ def test_a_store_that_dies_costs_misses_only(own_store: MooncakeCluster, racks) 
         a.check(strict=True)
         b.check(strict=True)
         assert a.match(keys) == 6 and a.match(more) == 4
+        # A restarted master has forgotten every object, and the same clients work again.
+        own_store.start_master()
+        deadline = time.monotonic() + 30
+        while True:
+            ta.forget()
+            if ta.demote_keys(more) == 4 and tb.promote(more) == 4:
+                break
+            assert time.monotonic() < deadline, (ta.stats(), tb.stats(), own_store.log())
+            time.sleep(0.5)
+        assert tb.lookup(keys) == 0  # what the dead master held is gone
+        assert all(verify_block(x, k) for x, k in zip(_read(b, more), more))
+        b.check(strict=True)
 
 
 def test_an_unreachable_store_is_a_clear_error(racks) -> None:
