@@ -236,9 +236,11 @@ class Tier:
             return
         try:
             views = w.views()
-            for v, pos in zip(views, w.positions):
-                v.view(np.uint8).reshape(-1)[:] = np.frombuffer(payloads[int(pos)], dtype=np.uint8)
-            del views, v
+            try:
+                for j, pos in enumerate(w.positions):
+                    views[j].view(np.uint8).reshape(-1)[:] = np.frombuffer(payloads[int(pos)], dtype=np.uint8)
+            finally:
+                del views  # no writable view may outlive the commit
             w.commit()
         except BaseException:
             w.abort()

@@ -225,3 +225,21 @@ def test_the_schedulers_extend_hit_promotes_a_miss_once_and_never_a_hit(store: M
         ta.demote_keys(other[:3])
         assert tb.extend_hit([keys, other], 0, wait=10.0) == 3
         assert [verify_block(x, k) for x, k in zip(_read(b, other), other)] == [True] * 3
+
+
+def test_a_promotion_raced_by_a_local_publish_writes_nothing_twice(store: MooncakeCluster, racks) -> None:
+    """Between the promoter's match and its reserve another member may publish the same keys: the
+    writer then holds none of them and the commit is empty (no error, nothing overwritten)."""
+    a, b = racks
+    keys = prompt_keys(SPEC, 17, 4, b"s")
+    a.publish(keys, blocks_for_keys(keys, SPEC))
+    with a.tier(store.url(), demoter=False) as ta, b.tier(store.url(), demoter=False) as tb:
+        ta.demote_keys(keys)
+        payloads = [memoryview(v)[fmt.HEADER_BYTES:] for v in tb._store.get([tb.store_key(k) for k in keys])]
+        b.publish(keys[:2], blocks_for_keys(keys[:2], SPEC))  # the "other member" wins blocks 0 and 1
+        tb._commit(b"".join(keys), payloads)
+        assert tb.stats()["promoted"] == 2 and b.match(keys) == 4
+        tb._commit(b"".join(keys), payloads)  # all present now: an empty writer
+        assert tb.stats()["promoted"] == 2 and tb.stats()["promote_errors"] == 0
+        assert all(verify_block(x, k) for x, k in zip(_read(b, keys), keys))
+        b.check(strict=True)
