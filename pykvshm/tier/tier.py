@@ -145,12 +145,16 @@ class Tier:
             if len(keys) <= hit:
                 continue
             kb = keys_buffer(keys)
+            started = False
             with self._count_lock:
                 fut = self._inflight.get(kb)
                 if fut is None:
                     fut = self.promote_async(np.frombuffer(kb, dtype=np.uint8).reshape(-1, 16))
                     self._inflight[kb] = fut
-                    fut.add_done_callback(functools.partial(self._inflight_done, kb))
+                    started = True
+            if started:
+                # Outside the lock: a future already done runs the callback right here.
+                fut.add_done_callback(functools.partial(self._inflight_done, kb))
             futs.append(fut)
         if not futs:
             return hit

@@ -243,3 +243,14 @@ def test_a_promotion_raced_by_a_local_publish_writes_nothing_twice(store: Moonca
         assert tb.stats()["promoted"] == 2 and tb.stats()["promote_errors"] == 0
         assert all(verify_block(x, k) for x, k in zip(_read(b, keys), keys))
         b.check(strict=True)
+
+
+def test_extend_hit_after_close_neither_hangs_nor_raises(store: MooncakeCluster, racks) -> None:
+    """A promotion future that is already done when extend_hit registers it (here: the tier is
+    closed, so it fails at once) must not deadlock the scheduler."""
+    _, b = racks
+    keys = prompt_keys(SPEC, 18, 4, b"s")
+    tb = b.tier(store.url(), demoter=False)
+    tb.close()
+    assert tb.extend_hit([keys], 0, wait=1.0) == 0
+    assert tb.extend_hit([keys], 0, wait=0.0) == 0  # and again: nothing stays "in flight"
