@@ -22,9 +22,12 @@ size_t Pool::pin_victims(size_t n, uint64_t* handles, uint8_t* keys) {
   heartbeat();
   if (n == 0 || nblocks_ == 0) return 0;
   size_t got = 0;
-  // Eviction's next candidates are the blocks from the clock hand on: scan at most one lap.
+  // Eviction's next candidates are the blocks from the clock hand on.  The scan is bounded (at
+  // most one lap, and 64 blocks per victim asked plus 1024) so that it never holds the pool's
+  // exclusive section (the pool lock in noncoherent mode) for a sweep of a large pool.
   const uint64_t hand = ctl()->clock_hand.value.load(std::memory_order_relaxed) % nblocks_;
-  for (uint64_t step = 0; step < nblocks_ && got < n; ++step) {
+  const uint64_t limit = std::min<uint64_t>(nblocks_, 64 * uint64_t(n) + 1024);
+  for (uint64_t step = 0; step < limit && got < n; ++step) {
     const uint64_t i = (hand + step) % nblocks_;
     Atomic64& sw = state(i);
     const uint64_t s = sw.load(std::memory_order_acquire);

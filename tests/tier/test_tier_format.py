@@ -179,3 +179,30 @@ def test_pin_victims_in_a_noncoherent_pool(pool_name: str, spec: pykvshm.KVSpec)
         pool.check(strict=True)
     finally:
         pool.close()
+
+
+def test_pin_victims_looks_at_a_bounded_stretch_from_the_clock_hand(pool_name: str, spec: pykvshm.KVSpec) -> None:
+    """At most 64 n + 1024 blocks are looked at (the pool lock is held for the scan in
+    noncoherent mode): with the first 1088 blocks from the hand recently used, one victim asked
+    finds none, two find two just past them."""
+    pool = pykvshm.Pool.create(pool_name, spec=spec, capacity="4MiB")
+    try:
+        n = pool.num_blocks
+        assert n >= 1300 and pool.stats()["evictions"] == 0  # the clock hand is still at block 0
+        keys = prompt_keys(spec, 4, n, b"b")
+        pool.publish(keys, blocks_for_keys(keys, spec))
+        h, kb = pool._core.pin_victims(n)  # all untouched: every block, in order from the hand
+        assert len(h) == n
+        pool._core.release(h)
+        index = {kb[16 * j:16 * j + 16]: int(x) & 0xFFFFFFFF for j, x in enumerate(h)}
+        for k, i in index.items():
+            if i < 1088:
+                pool.acquire([k]).release()  # recently used: not a victim
+        h1, _ = pool._core.pin_victims(1)
+        assert len(h1) == 0
+        h2, _ = pool._core.pin_victims(2)
+        assert sorted(int(x) & 0xFFFFFFFF for x in h2) == [1088, 1089]
+        pool._core.release(h2)
+        pool.check(strict=True)
+    finally:
+        pool.close()
