@@ -30,6 +30,9 @@ __all__ = [
     "ViewsAliveError",
     "ReadOnlyPoolError",
     "UntrustedPoolError",
+    "TierError",
+    "TierConfigError",
+    "TierUnavailableError",
 ]
 
 
@@ -138,3 +141,15 @@ class ReadOnlyPoolError(PoolError, PermissionError):
 class UntrustedPoolError(PoolError, PermissionError):
     """The pool file is owned by another user, or writable by its group or by others: whoever made it
     can read or alter every KV block.  ``Pool.open(..., allow_foreign=True)`` attaches anyway."""
+
+
+class TierError(PoolError):
+    """The cluster tier (pykvshm.tier) failed: bad configuration or an unusable store."""
+
+
+class TierConfigError(TierError, ValueError):
+    """A tier URL or option is malformed."""
+
+
+class TierUnavailableError(TierError):
+    """The store's client is not installed, or could not connect to the store."""

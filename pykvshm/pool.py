@@ -578,6 +578,18 @@ class Pool:
         self._children.add(w)
         return w
 
+    # ---- the cluster tier ----
+    def tier(self, url: Any, **options: Any) -> Any:
+        """The cluster tier of this handle: a :class:`pykvshm.tier.Tier` on the Mooncake Store at
+        ``url`` (``mooncake://MASTER:PORT?metadata=...``; see :mod:`pykvshm.tier.config`).  It demotes
+        this pool's next eviction victims into the store in the background and promotes a missing
+        prefix back on request (``tier.promote(keys)``).  Close it before the pool (or use ``with``).
+        Needs ``pip install 'pykvshm[tier]'``."""
+        from .tier import Tier
+
+        self._writable("tier")
+        return Tier(self, url, **options)
+
     # ---- maintenance ----
     def stats(self) -> dict[str, int]:
         """Block accounting (total, free, writing, sealed, evicting, pinned), members and counters."""

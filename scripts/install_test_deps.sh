@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond pip's: GoogleTest for the C++ suites
-# (tests/test_cpp_core.py builds them plain, under ASan+UBSan and under TSan).
+# (tests/test_cpp_core.py builds them plain, under ASan+UBSan and under TSan), and libibverbs1,
+# which the Mooncake Store client of the cluster tier's tests loads (also over TCP).
 #
 # GoogleTest comes from the distribution: no PyPI package ships it, the build reaches no other
 # source, and its code is not copied into this repository.  Installs it with apt-get when it is
@@ -12,7 +13,11 @@ have_gtest() {
   [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ]
 }
 
-if have_gtest; then
+have_ibverbs() {
+  ldconfig -p 2>/dev/null | grep 'libibverbs\.so\.1 ' >/dev/null
+}
+
+if have_gtest && have_ibverbs; then
   exit 0
 fi
 
@@ -24,9 +29,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
-  echo "install_test_deps: installing libgtest-dev (GoogleTest) with apt-get" >&2
+  echo "install_test_deps: installing libgtest-dev (GoogleTest) / libibverbs1 with apt-get" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgtest-dev >/dev/null
+  have_gtest || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgtest-dev >/dev/null
+  have_ibverbs || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1 >/dev/null
+fi
+
+if ! have_ibverbs; then
+  # Only the cluster tier's tests need it; they fail under PYKVSHM_REQUIRE_TIER=1, skip otherwise.
+  echo "install_test_deps: libibverbs1 is missing (apt-get install libibverbs1): the tier's tests cannot run" >&2
 fi
 
 if have_gtest; then

@@ -256,7 +256,7 @@ def test_bench_list() -> None:
     r = cli("bench", "--list", "--json")
     assert r.returncode == 0, r.stderr
     names = [b["name"] for b in json.loads(r.stdout)]
-    assert names == ["alloc", "publish_acquire", "match", "handoff", "prefix_reuse", "connector_load"]
+    assert names == ["alloc", "publish_acquire", "match", "handoff", "prefix_reuse", "connector_load", "tier"]
     r = cli("bench", "--list")
     assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == names
 

@@ -26,6 +26,10 @@ def test_mypy_passes_on_the_package(tmp_path) -> None:
                                              *(os.path.join("integrations", "vllm", f) for f in (
                                                  "__init__.py", "config.py", "connector.py", "metadata.py",
                                                  "scheduler.py", "worker.py")),
+                                             *(os.path.join("tier", f) for f in (
+                                                 "__init__.py", "config.py", "format.py", "store.py", "tier.py")),
+                                             os.path.join("testing", "mooncake.py"), os.path.join("testing", "tier_rack.py"),
+                                             os.path.join("benchmarks", "tier.py"),
                                              *(os.path.join("vllm_demo", f) for f in (
                                                  "command.py", "driver.py", "engine.py", "engines.py")))]
     r = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -364,6 +365,21 @@ void register_pool(py::module_& m) {
              return to_array(out, got);
            })
       .def("release", on_handles<&Pool::release>())
+      .def("pin_victims",
+           [](Pool& p, size_t n) {
+             Pool::Call call(p);
+             const size_t cap = std::min<size_t>(n, size_t(p.num_blocks()));
+             std::vector<uint64_t> out(cap);
+             std::string keys(16 * cap, '\0');
+             size_t got;
+             {
+               py::gil_scoped_release rel;
+               got = p.pin_victims(cap, out.data(), reinterpret_cast<uint8_t*>(keys.data()));
+             }
+             keys.resize(16 * got);
+             return py::make_tuple(to_array(out, got), py::bytes(keys));
+           },
+           py::arg("n"))
       .def("copy_out",
            [](Pool& p, const Handles& h, uintptr_t dst, uint64_t stride) {
              Pool::Call call(p);

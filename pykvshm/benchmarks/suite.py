@@ -263,6 +263,24 @@ def bench_connector_load(quick: bool) -> dict[str, Any]:
                       f"{runs} runs; layerwise = the connector's default (one queued gather per layer)"]}
 
 
+def bench_tier(quick: bool) -> dict[str, Any]:
+    """The cluster tier: promote from Mooncake Store vs recomputing the prefix (a torch layer stack)."""
+    from pykvshm.testing.mooncake import mooncake_available
+
+    ok, why = mooncake_available()
+    if not ok:
+        return {"rows": [], "notes": [f"not run: {why}"], "skipped": {"tier": why}}
+    from . import tier
+
+    res = tier.measure([256, 1024] if quick else [256, 1024, 4096], 3)
+    m = res["recompute_model"]
+    return {"baseline": f"recomputing the prefix: prefill of a {m['layers']}-layer torch stack of the same KV "
+                        f"geometry (hidden {m['hidden']}, float32, {m['torch_threads']} CPU thread)",
+            "rows": res["rows"], "table": tier.table(res),
+            "notes": [f"Mooncake Store on loopback (TCP); {common.fmt_bytes(res['spec']['block_bytes'])} blocks; "
+                      f"median (min..max) of {res['runs']} runs, fresh keys each run"]}
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("alloc", "allocator: alloc + free block ops/s, 1 and 2 processes", "bench/alloc.py", bench_alloc),
     Benchmark("publish_acquire", "publish and copy_to GB/s against memcpy", "bench/publish_acquire.py",
@@ -274,6 +292,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "bench/prefix_reuse.py", bench_prefix_reuse),
     Benchmark("connector_load", "vLLM connector: a prefix loaded into vLLM's CPU KV tensors vs one memcpy",
               "python -m pykvshm.benchmarks.connector_load", bench_connector_load),
+    Benchmark("tier", "cluster tier: a prefix promoted from Mooncake Store vs recomputed", "bench/tier.py",
+              bench_tier),
 )}
 
 

@@ -196,6 +196,11 @@ class Pool {
   // acquire: pins the longest present prefix, writes its handles, returns its length
   size_t acquire(const uint8_t* keys, size_t n, uint64_t* out);
   void release(const uint64_t* handles, size_t n);
+  // pin_victims (victims.cpp): pins up to n sealed, unpinned blocks whose CLOCK reference bit is
+  // clear, from the clock hand on (the next eviction candidates; at most 64 n + 1024 blocks are
+  // looked at), for a demoter to copy out; writes
+  // their handles and 16-byte keys, returns how many.  Released with release().
+  size_t pin_victims(size_t n, uint64_t* handles, uint8_t* keys);
   const uint8_t* pinned_block(uint64_t handle);             // a block this member has pinned
   void copy_out(const uint64_t* handles, size_t n, uint8_t* dst, uint64_t dst_stride);
   // Batched gather / scatter through the copy engine: span j copies bytes[j] between

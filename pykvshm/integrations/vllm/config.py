@@ -33,6 +33,8 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
     "save_generated": True,       # also save blocks that fill up during decode (multi-turn hits)
     "async_load_bytes": 64 << 20,  # loads of at least this many bytes (per rank) go asynchronous; None: never
+    "tier": None,                 # cluster tier URL (mooncake://MASTER:PORT?metadata=...): pykvshm.tier
+    "tier_wait": 0.0,             # seconds the scheduler may wait for a promotion from the tier on a miss
 }
 CREATE_MODES = ("open", "create", "create_or_open")
 
@@ -59,6 +61,8 @@ class ConnectorConfig:
     tp_rank: int = 0              # this process's tensor-parallel rank (0 in the scheduler)
     tp_size: int = 1
     rank_salts: tuple[bytes, ...] = ()  # the salt of every tensor-parallel rank; rank_salts[tp_rank] == salt
+    tier: str | None = None       # cluster tier URL (pykvshm.tier); None: no tier
+    tier_wait: float = 0.0        # seconds the scheduler waits for a promotion on a miss
 
     @classmethod
     def from_vllm(cls, vllm_config: Any, kv_cache_config: Any, worker: bool = False) -> "ConnectorConfig":
@@ -76,6 +80,13 @@ class ConnectorConfig:
             raise ValueError(f"kv_connector_extra_config 'create' must be one of {CREATE_MODES}, got {opt['create']!r}")
         if not isinstance(opt["pool"], str) or not opt["pool"]:
             raise ValueError(f"kv_connector_extra_config 'pool' must be a pool name or path, got {opt['pool']!r}")
+        if opt["tier"] is not None:
+            from ...tier.config import parse_url
+
+            parse_url(opt["tier"])  # a malformed URL fails here, with TierConfigError
+        if not isinstance(opt["tier_wait"], (int, float)) or not 0 <= float(opt["tier_wait"]) <= 60:
+            raise ValueError(
+                f"kv_connector_extra_config 'tier_wait' must be seconds in [0, 60], got {opt['tier_wait']!r}")
         for flag in ("layerwise_loads", "save_generated"):
             if not isinstance(opt[flag], bool):
                 raise ValueError(f"kv_connector_extra_config {flag!r} must be true or false, got {opt[flag]!r}")
@@ -131,6 +142,8 @@ class ConnectorConfig:
             tp_rank=tp_rank,
             tp_size=tp_size,
             rank_salts=rank_salts,
+            tier=opt["tier"],
+            tier_wait=float(opt["tier_wait"]),
         )
 
     def open_pool(self) -> Any:

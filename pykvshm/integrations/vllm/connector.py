@@ -113,8 +113,11 @@ class PykvshmConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
-        elif not self.pool.closed:
-            self.pool.close()
+        else:
+            if self._scheduler is not None and self._scheduler.tier is not None:
+                self._scheduler.tier.close()
+            if not self.pool.closed:
+                self.pool.close()
 
     # ---- scheduler role ----
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -32,6 +32,9 @@ class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, pool: Any) -> None:
         self.cfg = cfg
         self.pool = pool
+        # The cluster tier (kv_connector_extra_config["tier"]): its demoter runs in this process; a
+        # miss promotes from the store (pykvshm.tier, docs/design/tiering.md).
+        self.tier = pool.tier(cfg.tier) if cfg.tier else None
         self._reqs: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}  # req id -> external tokens granted this step
         self._asked: dict[str, int] = {}          # req id -> tokens computed locally when it was matched
@@ -78,8 +81,12 @@ class SchedulerSide:
         hit = limit
         for rank_keys in keys:
             hit = min(hit, self.pool.match(rank_keys[:hit]))
-            if hit * bs <= num_computed_tokens:
+            if hit * bs <= num_computed_tokens and self.tier is None:
                 return 0, False
+        if self.tier is not None and hit < limit:
+            hit = self.tier.extend_hit([k[:limit] for k in keys], hit, self.cfg.tier_wait)
+        if hit * bs <= num_computed_tokens:
+            return 0, False
         self._asked[request.request_id] = num_computed_tokens
         ext = hit * bs - num_computed_tokens
         threshold = self.cfg.async_load_bytes
