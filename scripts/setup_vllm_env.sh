@@ -39,6 +39,12 @@ if [[ "${PYKVSHM_VLLM_NIXL:-1}" == "1" ]]; then
     "${PIP[@]}" install --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 fi
 
+# Mooncake Store's client and mooncake_master for the connector's cluster tier tests
+# (PYKVSHM_VLLM_TIER=0 skips it; Debian's libibverbs1 must be present: scripts/install_test_deps.sh).
+if [[ "${PYKVSHM_VLLM_TIER:-1}" == "1" ]]; then
+    "${PIP[@]}" install -c "$CONSTRAINTS" "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+fi
+
 # This checkout, built and installed (not editable), and pytest for the scheduler-level tests.
 "${PIP[@]}" install -c "$CONSTRAINTS" pytest
 "${PIP[@]}" install --no-deps --force-reinstall -C build-dir="$REPO/build/vllm-env" "$REPO"

@@ -165,6 +165,11 @@ class Tier:
             n = min(n, self._pool.match(keys[:n]))
         return max(hit, n)
 
+    def promoting(self, rank_keys: list[list[bytes]]) -> bool:
+        """Whether an `extend_hit` promotion of any of these key lists is still in flight."""
+        with self._count_lock:
+            return any(keys_buffer(keys) in self._inflight for keys in rank_keys)
+
     def _inflight_done(self, kb: bytes, _fut: Any = None) -> None:
         with self._count_lock:
             self._inflight.pop(kb, None)

@@ -34,7 +34,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "save_generated": True,       # also save blocks that fill up during decode (multi-turn hits)
     "async_load_bytes": 64 << 20,  # loads of at least this many bytes (per rank) go asynchronous; None: never
     "tier": None,                 # cluster tier URL (mooncake://MASTER:PORT?metadata=...): pykvshm.tier
-    "tier_wait": 0.0,             # seconds the scheduler may wait for a promotion from the tier on a miss
+    "tier_wait": 0.0,             # seconds a request may be held back while the tier promotes its miss
 }
 CREATE_MODES = ("open", "create", "create_or_open")
 
@@ -62,7 +62,7 @@ class ConnectorConfig:
     tp_size: int = 1
     rank_salts: tuple[bytes, ...] = ()  # the salt of every tensor-parallel rank; rank_salts[tp_rank] == salt
     tier: str | None = None       # cluster tier URL (pykvshm.tier); None: no tier
-    tier_wait: float = 0.0        # seconds the scheduler waits for a promotion on a miss
+    tier_wait: float = 0.0        # seconds a request may be held back (not scheduled) for a promotion
 
     @classmethod
     def from_vllm(cls, vllm_config: Any, kv_cache_config: Any, worker: bool = False) -> "ConnectorConfig":

@@ -13,6 +13,7 @@ finished (`get_finished`), so a long load never holds up the batch's forward pas
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class SchedulerSide:
         self.tier = pool.tier(cfg.tier) if cfg.tier else None
         self._reqs: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}  # req id -> external tokens granted this step
+        self._tier_deadline: dict[str, float] = {}  # req id -> until when it may wait for a promotion
         self._asked: dict[str, int] = {}          # req id -> tokens computed locally when it was matched
         self._async_blocks: dict[str, list[int]] = {}  # req id -> engine blocks allocated for a pending load
         self.stats = PykvshmStats()
@@ -68,7 +70,7 @@ class SchedulerSide:
         return t
 
     # ---- KVConnectorBase_V1, scheduler role ----
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self.cfg.load:
             return 0, False
         bs = self.cfg.block_size
@@ -83,11 +85,20 @@ class SchedulerSide:
             hit = min(hit, self.pool.match(rank_keys[:hit]))
             if hit * bs <= num_computed_tokens and self.tier is None:
                 return 0, False
+        rid = request.request_id
         if self.tier is not None and hit < limit:
-            hit = self.tier.extend_hit([k[:limit] for k in keys], hit, self.cfg.tier_wait)
+            rank_keys = [k[:limit] for k in keys]
+            hit = self.tier.extend_hit(rank_keys, hit, 0.0)  # starts (once) a promotion of what the store has
+            if hit < limit and self.cfg.tier_wait > 0 and self.tier.promoting(rank_keys):
+                # Hold the request back (vLLM asks again next step) rather than block the scheduler,
+                # for at most tier_wait seconds from the first time it was asked.
+                deadline = self._tier_deadline.setdefault(rid, time.monotonic() + self.cfg.tier_wait)
+                if time.monotonic() < deadline:
+                    return None, False
+        self._tier_deadline.pop(rid, None)
         if hit * bs <= num_computed_tokens:
             return 0, False
-        self._asked[request.request_id] = num_computed_tokens
+        self._asked[rid] = num_computed_tokens
         ext = hit * bs - num_computed_tokens
         threshold = self.cfg.async_load_bytes
         load_async = threshold is not None and -(-ext // bs) * self.cfg.spec.block_bytes >= threshold
@@ -192,6 +203,7 @@ class SchedulerSide:
         self._reqs.pop(rid, None)
         self._pending_loads.pop(rid, None)
         self._asked.pop(rid, None)
+        self._tier_deadline.pop(rid, None)
         # A request aborted while its asynchronous load is still copying into its engine blocks
         # keeps them: vLLM itself delays freeing a WAITING_FOR_REMOTE_KVS request's blocks until
         # the workers report its load finished (which they do, finished or not).
