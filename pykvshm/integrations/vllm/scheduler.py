@@ -87,9 +87,9 @@ class SchedulerSide:
                 return 0, False
         rid = request.request_id
         if self.tier is not None and hit < limit:
-            rank_keys = [k[:limit] for k in keys]
-            hit = self.tier.extend_hit(rank_keys, hit, 0.0)  # starts (once) a promotion of what the store has
-            if hit < limit and self.cfg.tier_wait > 0 and self.tier.promoting(rank_keys):
+            tier_keys = [k[:limit] for k in keys]
+            hit = self.tier.extend_hit(tier_keys, hit, 0.0)  # starts (once) a promotion of what the store has
+            if hit < limit and self.cfg.tier_wait > 0 and self.tier.promoting(tier_keys):
                 # Hold the request back (vLLM asks again next step) rather than block the scheduler,
                 # for at most tier_wait seconds from the first time it was asked.
                 deadline = self._tier_deadline.setdefault(rid, time.monotonic() + self.cfg.tier_wait)
