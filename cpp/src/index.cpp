@@ -516,6 +516,36 @@ void Pool::resolve_pin_journal(uint32_t s) {
 }
 
 void Pool::release_pins_of(const std::vector<bool>& mask, RecoveryReport& rep) {
+  if (!read_only_ && slot_ < mask.size() && mask[slot_] && still_member()) {
+    // Leaving (close): this process knows where its records are, so no scan.  At most
+    // one pin or unpin was interrupted (an exception under pin_mu_): its journal entry
+    // names its record; once resolved, a record of ours that no local count owns is
+    // released too.
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    const uint64_t j = member(slot_)->pin_op.load(std::memory_order_acquire);
+    resolve_pin_journal(slot_);
+    const uint64_t q = word::journal_pos(j);
+    if (word::journal_op(j) != word::kPinOpNone && q < npins_) {
+      const uint64_t r = pin_record(q).load(std::memory_order_acquire);
+      const uint64_t i = word::rec_index(r);
+      if (word::rec_live(r) && word::rec_held(r) && word::rec_slot(r) == slot_ && i < nblocks_ &&
+          (pin_count_[i] == 0 || pin_pos_[i] != q)) {
+        unpin_record(slot_, q, r);
+        ++rep.pins_dropped;
+      }
+    }
+    for (uint64_t i = 0; i < nblocks_; ++i) {
+      if (!pin_count_[i]) continue;
+      pin_count_[i] = 0;
+      const uint64_t want = word::pin_rec(slot_, i, true);
+      if (pin_pos_[i] < npins_ && pin_record(pin_pos_[i]).load(std::memory_order_acquire) == want) {
+        unpin_record(slot_, pin_pos_[i], want);
+        ++rep.pins_dropped;
+      }
+    }
+    resolve_pin_journal(slot_);
+    return;
+  }
   for (uint32_t s = 0; s < max_members_; ++s)
     if (mask[s]) resolve_pin_journal(s);
   for (uint64_t pos = 0; pos < npins_; ++pos) {

@@ -275,6 +275,33 @@ TEST_F(PinsTest, DiedAfterFreeingTheRecord) {
   recover_expect(0);
 }
 
+// ---- close() of a live member whose pin was interrupted (an exception mid-pin) ----
+
+TEST_F(PinsTest, CloseReleasesAPinInterruptedAfterRaisingTheCount) {
+  b_pins();  // one known pin, released from the process's own table
+  const uint64_t q = raw_.free_record();
+  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
+  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  EXPECT_EQ(raw_.count(block_), 2u);
+  b_->close();
+  EXPECT_EQ(raw_.count(block_), 0u);
+  EXPECT_EQ(raw_.records_of(bslot_), 0u);
+  a_->check(true);
+}
+
+TEST_F(PinsTest, CloseDropsARecordWhosePinNeverLanded) {
+  const uint64_t q = raw_.free_record();
+  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
+  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  b_->close();
+  EXPECT_EQ(raw_.count(block_), 0u);
+  EXPECT_EQ(raw_.records_of(bslot_), 0u);
+  a_->check(true);
+}
+
 // ---- the recoverer died (it works through the dead member's own journal) ----
 
 TEST_F(PinsTest, RecovererDiedMidUnpinIsTakenOverExactly) {
