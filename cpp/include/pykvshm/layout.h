@@ -24,7 +24,9 @@
 namespace pykvshm::layout {
 
 inline constexpr char kMagic[8] = {'P', 'Y', 'K', 'V', 'S', 'H', 'M', '\0'};
-inline constexpr uint32_t kLayoutVersion = 3;  // 2: HostLine hold_ns / hold_lease_ns (holder lease); 3: member table sized at creation, pin counts + pin records
+// 2: HostLine hold_ns / hold_lease_ns (holder lease).  3: member table sized at
+// creation (max_members), pin count + pin records + pin journal instead of pin masks.
+inline constexpr uint32_t kLayoutVersion = 3;
 inline constexpr uint64_t kPageBytes = 4096;
 inline constexpr uint64_t kDataAlign = 2ull << 20;  // 2 MiB: huge pages, device DAX, DMA
 inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a cache line
