@@ -37,6 +37,7 @@ class Pool:
         lease_s: float = 10.0,
         copy_threads: int = 1,
         copy_kernel: int = 0,
+        max_members: int = 4096,
     ) -> Pool: ...
     @staticmethod
     def open(
@@ -91,6 +92,8 @@ class Pool:
     def coherence(self) -> int: ...
     @property
     def block_checksums(self) -> bool: ...
+    @property
+    def max_members(self) -> int: ...
     @property
     def member_slot(self) -> int: ...
     @property

@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn
 
 from . import __version__
 from .errors import CorruptPoolError, PoolError
-from .pool import Pool
+from .pool import DEFAULT_MAX_MEMBERS, Pool
 from .spec import KVSpec, parse_size
 
 EXIT_ERROR = 1
@@ -45,6 +45,7 @@ def _info_dict(pool: Pool) -> dict[str, Any]:
         "checksums": pool.checksums,
         "total_bytes": pool.total_bytes,
         "num_blocks": pool.num_blocks,
+        "max_members": pool.max_members,
         "created": _dt.datetime.fromtimestamp(pool._core.created_ns / 1e9, _dt.timezone.utc).isoformat(),
         "spec": {
             "num_layers": s.num_layers,
@@ -76,7 +77,7 @@ def _human_info(d: dict[str, Any]) -> str:
         f"created     {d['created']}",
         f"pages       {d['pages']['page_size'] // 1024} KiB"
         + (f" (no 2 MiB pages: {d['pages']['huge_pages_refusal']})" if d["pages"]["huge_pages_refusal"] else ""),
-        f"members     {len(d['members'])}",
+        f"members     {len(d['members'])} attached of {d['max_members'] - 1} (member table of {d['max_members']} slots)",
     ]
     for m in d["members"]:
         lines.append(f"  slot {m['slot']:3d}  pid {m['pid']:7d}  {m['status']:10s}  {'alive' if m['alive'] else 'DEAD'}"
@@ -112,7 +113,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     capacity, mode = parse_size(args.capacity), _octal_mode(args.mode)
     with Pool.create(args.name, spec=spec, capacity=capacity, mode=mode,
                      prefault=args.prefault, huge_pages=args.huge_pages, numa_node=args.numa_node,
-                     coherence=args.coherence, checksums=args.checksums) as pool:
+                     coherence=args.coherence, checksums=args.checksums, max_members=args.max_members) as pool:
         _out(args, _info_dict(pool), _human_info)
     return 0
 
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numa-node", type=int, default=None)
     p.add_argument("--coherence", choices=["coherent", "noncoherent"], default="coherent")
     p.add_argument("--checksums", action="store_true", help="store and verify a CRC32C per block")
+    p.add_argument("--max-members", type=int, default=DEFAULT_MAX_MEMBERS,
+                   help=f"member table slots (attached handles + 1 spare; default {DEFAULT_MAX_MEMBERS})")
 
     p = add("info", cmd_info, "geometry, layout version, coherence mode and members of a pool")
     p.add_argument("name")

@@ -127,6 +127,10 @@ def dax_devices() -> list[dict[str, Any]]:
     return out
 
 
+_LAYOUT = _core.layout_info()
+DEFAULT_MAX_MEMBERS: int = int(_LAYOUT["default_max_members"])  # member slots of a new pool unless asked otherwise
+MIN_MEMBERS: int = int(_LAYOUT["min_members"])
+MAX_MEMBERS_LIMIT: int = int(_LAYOUT["max_members_limit"])
 _MAX_CAPACITY = 1 << 62  # bytes; far beyond any machine, and no size arithmetic can overflow below it
 
 
@@ -210,6 +214,7 @@ class Pool:
         lease: float = 10.0,
         copy_threads: int = 1,
         copy_kernel: str = "auto",
+        max_members: int = DEFAULT_MAX_MEMBERS,
     ) -> "Pool":
         """Create a pool of ``capacity`` bytes holding blocks of ``spec`` and attach to it.
 
@@ -229,8 +234,13 @@ class Pool:
         verifies it on acquire; ``lease`` is the seconds after which a silent member
         of another host is considered dead.  ``copy_threads`` and ``copy_kernel``
         (``"auto"``, ``"memcpy"`` or ``"stream"``: non-temporal stores) configure this
-        handle's copy engine (see :meth:`copy_engine_info`).
+        handle's copy engine (see :meth:`copy_engine_info`).  ``max_members`` is the
+        size of the member table (default 4,096; 2 to 65,535): one slot per attached
+        handle, one kept spare, so ``max_members - 1`` handles can be attached at once
+        (each takes 256 bytes of the pool, plus 16 bytes of pin records).
         """
+        members = _int_option("max_members", max_members, MIN_MEMBERS, MAX_MEMBERS_LIMIT,
+                              f"an int between {MIN_MEMBERS} and {MAX_MEMBERS_LIMIT} (member slots)")
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a pykvshm.KVSpec, got {type(spec).__name__}")
         if coherence not in _COHERENCE:
@@ -246,6 +256,7 @@ class Pool:
                 spec.itemsize, cap, mode=_mode_option(mode), prefault=bool(prefault),
                 huge_pages=huge, numa_node=node, coherence=_COHERENCE[coherence], checksums=bool(checksums),
                 host_id=host, lease_s=_lease_option(lease), **_engine_options(copy_threads, copy_kernel),
+                max_members=members,
             )
 
         core, refusal = _with_huge_pages(huge_pages, make)
@@ -469,6 +480,11 @@ class Pool:
     @property
     def checksums(self) -> bool:
         return bool(self._core.block_checksums)
+
+    @property
+    def max_members(self) -> int:
+        """Member slots of the pool's table (set at creation); ``max_members - 1`` handles can be attached at once."""
+        return int(self._core.max_members)
 
     @property
     def closed(self) -> bool:

@@ -175,6 +175,19 @@ def test_newer_layout_version_is_refused(pool_file: str) -> None:
                     f"layout version {LAYOUT['layout_version']}", "recreate")
 
 
+def test_layout_version_2_pool_is_refused(pool_file: str) -> None:
+    # A pool made by the previous release (128-bit pin masks, a fixed 128-slot member table)
+    # must not be attached: its pins and member table would be misread.
+    assert LAYOUT["layout_version"] == 3
+
+    def edit(buf: bytearray) -> None:
+        struct.pack_into("<I", buf, VERSION_AT, 2)
+        fix_checksum(buf)
+
+    patch(pool_file, edit)
+    assert_rejected(pool_file, E.LayoutMismatchError, "layout version 2", "layout version 3", "recreate")
+
+
 class _CreatorAtWork:
     """Holds the exclusive flock a creating process holds on a pool file until it has published the
     layout version (Mapping::create)."""

@@ -74,6 +74,7 @@ def test_every_pool_subcommand_with_json(pool_name: str) -> None:
     assert r.returncode == 0 and json.loads(r.stdout)["uuid"] == info["uuid"]
     r = cli("info", pool_name)
     assert r.returncode == 0 and "geometry    2 layers" in r.stdout and info["uuid"] in r.stdout
+    assert info["max_members"] == 4096 and "member table of 4096 slots" in r.stdout
 
     r = cli("stat", pool_name, "--json")
     s = json.loads(r.stdout)
@@ -118,6 +119,16 @@ def test_stat_watch_prints_until_interrupted(pool: pykvshm.Pool) -> None:
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
     assert p.returncode == 0 and "Traceback" not in err
+
+
+def test_create_with_a_member_table_size(pool_name: str) -> None:
+    r = cli("create", pool_name, *GEOMETRY, "--capacity", "8MiB", "--max-members", "300", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["max_members"] == 300
+    r = cli("info", pool_name)
+    assert r.returncode == 0 and "member table of 300 slots" in r.stdout
+    r = cli("create", pool_name + "-x", *GEOMETRY, "--capacity", "8MiB", "--max-members", "1")
+    assert r.returncode != 0 and "max_members must be an int between 2 and 65535" in r.stderr
 
 
 def test_recover_reports_dead_members(pool: pykvshm.Pool) -> None:

@@ -124,7 +124,7 @@ class Template:
 
 
 def read_template(raw: bytes, keys: list[bytes], dead_pid: int) -> Template:
-    regions = [struct.unpack_from("<QQ", raw, OFF["superblock.regions"] + 16 * r) for r in range(7)]
+    regions = [struct.unpack_from("<QQ", raw, OFF["superblock.regions"] + 16 * r) for r in range(len(REG))]
     nblocks = struct.unpack_from("<Q", raw, OFF["superblock.num_blocks"])[0]
     nslots = struct.unpack_from("<Q", raw, OFF["superblock.index_slots"])[0]
     t = Template(raw, regions, nblocks, nslots, dead_pid, keys)
@@ -388,7 +388,7 @@ entry_values = st.one_of(
 member_values = st.one_of(
     st.tuples(st.just("ctl"), st.integers(0, 3), st.sampled_from([0, 1, 2, 2**30 - 1]),
               st.one_of(st.sampled_from([0, 1, "parent_pid", "dead_pid", 2**31, 2**32 - 1]),
-                        st.tuples(st.just("recoverer"), st.integers(0, 255), st.integers(0, 3)))),
+                        st.tuples(st.just("recoverer"), st.integers(0, 65535), st.integers(0, 3)))),
     st.tuples(st.just("raw"), raw_values),
 )
 possel = st.one_of(st.tuples(st.just("live"), st.integers(0, 1000)), st.tuples(st.just("any"), st.integers(0, 10**6)),
@@ -401,6 +401,9 @@ word_mutation = st.one_of(
     st.tuples(st.just("state"), blocksel, state_values),
     st.tuples(st.just("desc"), blocksel, st.sampled_from(["pin0", "pin1", "key0", "key1", "crc"]), raw_values),
     st.tuples(st.just("entry"), possel, entry_values),
+    # pin records (layout version 3): in-use ones and any other, raw words
+    st.tuples(st.just("pinrec"), st.one_of(st.tuples(st.just("live"), st.integers(0, 100)),
+                                           st.tuples(st.just("any"), st.integers(0, 10**7))), raw_values),
     st.tuples(st.just("data"), st.integers(0, 10**6), st.integers(0, 255)),
 )
 
@@ -459,7 +462,7 @@ def apply_mutation(buf: bytearray, m: tuple, t: Template) -> None:
         if v[0] == "ctl":
             payload = v[3]
             if isinstance(payload, tuple):
-                payload = (payload[1] << 24) | payload[2]
+                payload = (payload[1] << 16) | payload[2]  # recoverer slot:16 | epoch:16
             value = member_word(v[1], v[2], resolve_value(payload, t, size, 4))
         else:
             value = resolve_value(v[1], t, size)
@@ -496,6 +499,13 @@ def apply_mutation(buf: bytearray, m: tuple, t: Template) -> None:
         else:
             value = resolve_value(v[1], t, size)
         put(buf, t.regions[REG["index"]][0] + 8 * pos, 8, value)
+    elif kind == "pinrec":
+        rec_off, rec_size = t.regions[REG["pins"]]
+        n = rec_size // 8
+        live = np.flatnonzero(np.frombuffer(bytes(t.raw), dtype="<u8", count=n, offset=rec_off)).tolist()
+        sel = m[1]
+        pos = live[sel[1] % len(live)] if sel[0] == "live" and live else sel[1] % n
+        put(buf, rec_off + 8 * pos, 8, resolve_value(m[2], t, size))
     elif kind == "data":
         data_off, data_size = t.regions[REG["data"]]
         buf[data_off + m[1] % data_size] = m[2]

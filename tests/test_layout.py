@@ -7,11 +7,14 @@ from pykvshm import _core
 BUMP = "on-media layout changed: bump layout::kLayoutVersion and update docs/design/layout.md"
 
 EXPECTED = {
-    "layout_version": 2,
+    "layout_version": 3,
     "page_bytes": 4096,
     "data_align": 2 << 20,
     "block_align": 64,
-    "max_members": 128,
+    "default_max_members": 4096,
+    "min_members": 2,
+    "max_members_limit": 65535,
+    "pin_probe_limit": 64,
     "index_probe_limit": 64,
     "max_blocks": (1 << 28) - 1,
     "sizeof_superblock": 512,
@@ -42,7 +45,7 @@ EXPECTED_OFFSETS = {
     "superblock.index_probe_limit": 120,
     "superblock.transfer_max_blocks": 124,
     "superblock.regions": 128,
-    "superblock.reserved": 240,
+    "superblock.reserved": 256,
     "superblock.checksum": 504,
     "geometry.block_bytes": 24,
     "geometry.block_stride": 32,
@@ -70,8 +73,9 @@ EXPECTED_OFFSETS = {
     "member.host_id": 16,
     "member.heartbeat_ns": 24,
     "member.attach_ns": 32,
+    "member.pin_op": 40,
     "member.counters": 64,
-    "desc.pin_mask": 0,
+    "desc.pins": 0,
     "desc.key": 16,
     "desc.crc": 32,
     "desc.desc_flags": 36,
@@ -107,18 +111,20 @@ def test_region_plan_pinned(pool_name: str) -> None:
     with pykvshm.Pool.create(pool_name, spec=spec, capacity="8MiB") as p:
         with open(p.path, "rb") as f:
             raw = f.read(512)
-    regions = [int.from_bytes(raw[128 + 16 * r : 136 + 16 * r], "little") for r in range(7)]
-    sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(7)]
+    regions = [int.from_bytes(raw[128 + 16 * r : 136 + 16 * r], "little") for r in range(8)]
+    sizes = [int.from_bytes(raw[136 + 16 * r : 144 + 16 * r], "little") for r in range(8)]
     nblocks = int.from_bytes(raw[104:112], "little")
-    # 8 MiB of 512-byte blocks: the metadata (states, descriptors, a 32768-slot index and
-    # 128 transfer channels of 768 handles) fits below 2 MiB; data fills the rest.
-    assert nblocks == 12288, BUMP
+    # 8 MiB of 512-byte blocks: the metadata (a 4096-slot member table, states,
+    # descriptors, a 16384-slot index, 128 transfer channels of 512 handles and
+    # 65536 pin records) takes the first 4 MiB (data is 2 MiB aligned); data fills the rest.
+    assert nblocks == 8192, BUMP
     assert list(zip(regions, sizes)) == [
         (4096, 4096),          # control
-        (8192, 32768),         # members: 128 x 256
-        (40960, 98304),        # states: 12288 x 8
-        (139264, 786432),      # descriptors: 12288 x 64
-        (925696, 262144),      # index: 32768 x 8
-        (1187840, 802816),     # transfer: 128 x (128 + 768 x 8)
-        (2097152, 12288 * 512),  # data
+        (8192, 1048576),       # members: 4096 x 256
+        (1056768, 65536),      # states: 8192 x 8
+        (1122304, 524288),     # descriptors: 8192 x 64
+        (1646592, 131072),     # index: 16384 x 8
+        (1777664, 540672),     # transfer: 128 x (128 + 512 x 8)
+        (4194304, 8192 * 512),  # data
+        (2318336, 524288),     # pin records: 65536 x 8 (8 per block), after the transfer channels
     ], BUMP

@@ -39,7 +39,10 @@ py::dict layout_info() {
   d["page_bytes"] = kPageBytes;
   d["data_align"] = kDataAlign;
   d["block_align"] = kBlockAlign;
-  d["max_members"] = kMaxMembers;
+  d["default_max_members"] = kDefaultMaxMembers;
+  d["min_members"] = kMinMembers;
+  d["max_members_limit"] = kMaxMembersLimit;
+  d["pin_probe_limit"] = kPinProbeLimit;
   d["index_probe_limit"] = kIndexProbeLimit;
   d["max_blocks"] = kMaxBlocks;
   d["sizeof_superblock"] = sizeof(Superblock);
@@ -106,7 +109,8 @@ py::dict layout_info() {
   off["member.heartbeat_ns"] = offsetof(MemberSlot, heartbeat_ns);
   off["member.attach_ns"] = offsetof(MemberSlot, attach_ns);
   off["member.counters"] = offsetof(MemberSlot, counters);
-  off["desc.pin_mask"] = offsetof(BlockDesc, pin_mask);
+  off["member.pin_op"] = offsetof(MemberSlot, pin_op);
+  off["desc.pins"] = offsetof(BlockDesc, pins);
   off["desc.key"] = offsetof(BlockDesc, key);
   off["desc.crc"] = offsetof(BlockDesc, crc);
   off["desc.desc_flags"] = offsetof(BlockDesc, desc_flags);
@@ -118,6 +122,7 @@ py::dict layout_info() {
   regions["descriptors"] = int(kRegionDescriptors);
   regions["index"] = int(kRegionIndex);
   regions["transfer"] = int(kRegionTransfer);
+  regions["pins"] = int(kRegionPins);
   regions["data"] = int(kRegionData);
   d["regions"] = regions;
   return d;

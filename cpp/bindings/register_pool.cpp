@@ -93,7 +93,7 @@ py::dict stats_dict(const Stats& s) {
   d["members"] = s.members;
   const char* names[layout::kCounterCount] = {"hits", "misses", "evictions", "bytes_in", "bytes_out", "published",
                                               "duplicates", "recovered_members", "index_full", "checksum_errors",
-                                              "allocs", "", "", "", "", ""};
+                                              "allocs", "pins_refused", "", "", "", ""};
   for (uint32_t c = 0; c < layout::kCounterCount; ++c)
     if (names[c][0]) d[names[c]] = s.counters[c];
   return d;
@@ -169,10 +169,15 @@ void register_pool(py::module_& m) {
           [](const std::string& name, uint32_t layers, uint32_t heads, uint32_t head_dim, uint32_t block_tokens,
              uint32_t dtype_code, uint32_t dtype_size, uint64_t capacity, uint32_t mode, bool prefault, bool huge_pages,
              int numa_node, uint32_t coherence, bool checksums, uint64_t host_id, double lease_s, unsigned copy_threads,
-             uint32_t copy_kernel) {
+             uint32_t copy_kernel, int64_t max_members) {
             GeometryIn g{layers, heads, head_dim, block_tokens, dtype_code, dtype_size};
             auto o = options(prefault, huge_pages, numa_node, mode, coherence, checksums, host_id, lease_s, copy_threads,
                              copy_kernel);
+            if (max_members < int64_t(layout::kMinMembers) || max_members > int64_t(layout::kMaxMembersLimit))
+              throw py::value_error("max_members must be an integer between " + std::to_string(layout::kMinMembers) +
+                                    " and " + std::to_string(layout::kMaxMembersLimit) + " (member slots; one is kept "
+                                    "spare), not " + std::to_string(max_members));
+            o.max_members = uint32_t(max_members);
             py::gil_scoped_release rel;
             return Pool::create(name, g, capacity, o);
           },
@@ -180,7 +185,8 @@ void register_pool(py::module_& m) {
           py::arg("dtype_code"), py::arg("dtype_size"), py::arg("capacity"), py::arg("mode") = 0600,
           py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
           py::arg("coherence") = 0, py::arg("checksums") = false, py::arg("host_id") = 0, py::arg("lease_s") = 10.0,
-          py::arg("copy_threads") = 1, py::arg("copy_kernel") = 0)
+          py::arg("copy_threads") = 1, py::arg("copy_kernel") = 0,
+          py::arg("max_members") = int64_t(layout::kDefaultMaxMembers))
       .def_static(
           "open",
           [](const std::string& name, bool prefault, bool huge_pages, int numa_node, uint64_t host_id, double lease_s,
@@ -289,6 +295,7 @@ void register_pool(py::module_& m) {
       .def_property_readonly("path", &Pool::path)
       .def_property_readonly("coherence", [](const Pool& p) { return uint32_t(p.coherence()); })
       .def_property_readonly("block_checksums", &Pool::block_checksums)
+      .def_property_readonly("max_members", &Pool::max_members)
       .def_property_readonly("member_slot", &Pool::member_slot)
       .def_property_readonly("host_id", &Pool::host_id)
       .def_property_readonly("created_ns",

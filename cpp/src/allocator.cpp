@@ -37,15 +37,14 @@ bool Pool::try_evict(uint64_t i, uint64_t* h) {
   uint64_t s = sw.load(std::memory_order_acquire);
   if (word::kind(s) != kSealed || word::ref(s)) return false;
   BlockDesc& d = desc(i);
-  if (d.pin_mask[0].load(std::memory_order_relaxed) | d.pin_mask[1].load(std::memory_order_relaxed)) return false;
+  if (word::pins_count(d.pins.load(std::memory_order_relaxed))) return false;
   const uint32_t g = word::gen(s);
   const uint64_t evicting = word::state(g, kEvicting, slot_);
   // SYNC POINT: evict-vs-pin (Dekker).  The evictor CASes the state and then
-  // reads the pin masks; a pinner sets its bit and then reads the state; all
+  // reads the pin count; a pinner raises the count and then reads the state; all
   // four operations are seq_cst, so at least one of the two sees the other.
   if (!sw.cas(s, evicting, std::memory_order_seq_cst)) return false;
-  uint64_t pins = d.pin_mask[0].load(std::memory_order_seq_cst) | d.pin_mask[1].load(std::memory_order_seq_cst);
-  if (pins) {
+  if (word::pins_count(d.pins.load(std::memory_order_seq_cst))) {
     uint64_t e = evicting;
     sw.cas(e, word::state(g, kSealed, 0), std::memory_order_release);
     flush(&sw, 8);

@@ -1,12 +1,12 @@
 // Pool::check: verifies the invariants of docs/design/*.md over the whole pool.
 //
 // Structural checks (always): every state word decodes to a known kind, every
-// owner and pin bit names a member slot that is in use, every index entry names
-// a block inside the pool.  Strict checks (a quiescent pool: no operation in
+// owner and pin record names a member slot that is in use, every index entry
+// names a block inside the pool.  Strict checks (a quiescent pool: no operation in
 // flight in any process) add exact accounting: every SEALED block is reachable
 // through exactly one index entry within its probe window, no entry names a
 // free block or an old generation, no key is stored twice, pins are only on
-// sealed blocks.  A sealed block withdrawn after failing its checksum (flagged in
+// sealed blocks and each block's pin count is the number of its pin records.  A sealed block withdrawn after failing its checksum (flagged in
 // its descriptor, see Pool::withdraw) may be out of the index until eviction
 // reclaims it.  With `checksums`, every sealed block's bytes are checked against
 // its CRC (a block evicted meanwhile is skipped, seqlock style).
@@ -27,11 +27,11 @@ void Pool::check(bool strict, bool checksums) const {
   auto fail = [](const std::string& what) { raise(ErrorCode::kCorrupt, "pool check failed: " + what); };
   if (checksums && !checksums_)
     raise(ErrorCode::kPool, "the pool was created without block checksums (checksums=True): there are none to verify");
-  uint64_t in_use[2] = {0, 0};
+  std::vector<bool> in_use(max_members_, false);
   for (uint32_t s = 0; s < max_members_; ++s) {
     uint64_t c = member(s)->ctl.load(std::memory_order_acquire);
     if (word::member_status(c) == kMemberFree) continue;
-    in_use[s / 64] |= 1ull << (s % 64);
+    in_use[s] = true;
     if (strict && member_dead(s, c))
       fail("member slot " + std::to_string(s) + " belongs to a dead process and has not been recovered (run recover())");
   }
@@ -44,19 +44,41 @@ void Pool::check(bool strict, bool checksums) const {
     if (k > kEvicting) fail(b + " has an unknown state kind " + std::to_string(k));
     if (k == kWriting || k == kEvicting) {
       if (o >= max_members_) fail(b + " is owned by member slot " + std::to_string(o) + ", out of range");
-      if (!(in_use[o / 64] & (1ull << (o % 64))))
+      if (!in_use[o])
         fail(b + " is held by member slot " + std::to_string(o) + ", which is free (a leaked block)");
       if (strict && k == kEvicting) fail(b + " is being evicted in a quiescent pool");
     } else if (strict && o != 0) {
       fail(b + " carries an owner in state " + std::to_string(k));
     }
-    const BlockDesc& d = desc(i);
-    for (int w = 0; w < 2; ++w) {
-      uint64_t m = d.pin_mask[w].load(std::memory_order_acquire);
-      if (m & ~in_use[w]) fail(b + " is pinned by a member slot that is free (a leaked pin)");
-      if (strict && m && k != kSealed) fail(b + " is pinned but not sealed");
-    }
+    if (strict && word::pins_count(desc(i).pins.load(std::memory_order_acquire)) && k != kSealed)
+      fail(b + " is pinned but not sealed");
   }
+  // Pins: every record names a block and a member in use; at rest, each block's
+  // count is the number of members holding a record of it.
+  std::vector<uint32_t> held(nblocks_, 0);
+  for (uint64_t pos = 0; pos < npins_; ++pos) {
+    const uint64_t r = pin_record(pos).load(std::memory_order_acquire);
+    if (r == 0) continue;
+    const std::string at = "pin record " + std::to_string(pos);
+    if (!word::rec_valid(r)) fail(at + " holds garbage");
+    const uint32_t s = word::rec_slot(r);
+    const uint64_t i = word::rec_index(r);
+    if (i >= nblocks_) fail(at + " names block " + std::to_string(i) + ", outside the pool");
+    if (s >= max_members_) fail(at + " names member slot " + std::to_string(s) + ", out of range");
+    if (!in_use[s]) fail("block " + std::to_string(i) + " is pinned by member slot " + std::to_string(s) + ", which is free (a leaked pin)");
+    if (!word::rec_held(r)) {
+      if (strict) fail(at + " is a pin in progress in a quiescent pool");
+      continue;
+    }
+    ++held[i];
+  }
+  if (strict)
+    for (uint64_t i = 0; i < nblocks_; ++i) {
+      const uint32_t c = word::pins_count(desc(i).pins.load(std::memory_order_acquire));
+      if (c != held[i])
+        fail("block " + std::to_string(i) + " has a pin count of " + std::to_string(c) + " but " + std::to_string(held[i]) +
+             " pin record(s)" + (c > held[i] ? " (a leaked pin)" : " (a pin not counted)"));
+    }
   struct KeyRef {
     uint64_t k0, k1, block;
   };

@@ -252,7 +252,7 @@ bool Pool::withdraw(uint64_t i, uint32_t g) {
   const uint64_t evicting = word::state(g, kEvicting, slot_);
   if (!sw.cas(s, evicting, std::memory_order_seq_cst)) return false;
   flush(&sw, 8);
-  if (d.pin_mask[0].load(std::memory_order_seq_cst) | d.pin_mask[1].load(std::memory_order_seq_cst)) {
+  if (word::pins_count(d.pins.load(std::memory_order_seq_cst))) {
     uint64_t e = evicting;
     sw.cas(e, word::state(g, kSealed, 0), std::memory_order_release);
     flush(&sw, 8);
@@ -370,6 +370,48 @@ size_t Pool::publish(const uint8_t* keys, size_t n, const uint8_t* src, uint64_t
   return m;
 }
 
+// Pins (recovery.md, "Pins").  A block's descriptor counts the members that pin
+// it; each pin is also a record (member slot, block) in the pin record region, so
+// that recovery knows exactly what a dead member held.  The count and the record
+// are two words, so each count change is journaled in the member's slot first and
+// tagged with (slot, seq) in the descriptor: whoever replaces a tag marks that
+// journal entry landed, and recovery reads "did the dead member's last change
+// land?" from the tag or the mark, never guessing.
+uint32_t Pool::next_pin_seq(uint32_t s) {
+  if (s == slot_ && !read_only_) {
+    if (++pin_seq_ == 0) pin_seq_ = 1;  // seq 0 means "no tag"
+    return pin_seq_;
+  }
+  uint32_t q = word::journal_seq(member(s)->pin_op.load(std::memory_order_acquire)) + 1;
+  return q ? q : 1;
+}
+
+void Pool::help_landed(uint64_t p) {
+  const uint32_t seq = word::pins_seq(p), b = word::pins_slot(p);
+  if (seq == 0 || b >= max_members_) return;
+  MemberSlot* m = member(b);
+  uint64_t j = m->pin_op.load(std::memory_order_acquire);
+  if (word::journal_seq(j) != seq || word::journal_op(j) == word::kPinOpNone || word::journal_landed(j)) return;
+  // SYNC POINT: pin-landed.  The mark happens-before the tag that replaces (b, seq).
+  if (m->pin_op.cas(j, j | word::kJournalLanded, std::memory_order_acq_rel)) flush(&m->pin_op, 8);
+}
+
+void Pool::change_pins(uint64_t i, int delta, uint32_t slot, uint32_t seq) {
+  BlockDesc& d = desc(i);
+  uint64_t p = d.pins.load(std::memory_order_acquire);
+  for (;;) {
+    help_landed(p);
+    const uint32_t c = word::pins_count(p);
+    // A count is never driven below zero or above the member limit (a scribbled word
+    // stays wrong, and check() says so, but never wraps into "unpinned").
+    const uint32_t n = delta < 0 ? (c ? c - 1 : 0) : (c < kMaxMembersLimit ? c + 1 : c);
+    // SYNC POINT: evict-vs-pin (Dekker), the pinner's half; see try_evict.  Also
+    // SYNC POINT: unpin: our reads of the block happen-before an evictor that sees the count drop.
+    if (d.pins.cas(p, word::pins(n, slot, seq), std::memory_order_seq_cst)) break;
+  }
+  flush(&d.pins, 8);
+}
+
 bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
   std::lock_guard<std::mutex> lk(pin_mu_);
   Atomic64& sw = state(i);
@@ -381,31 +423,149 @@ bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
     return true;
   }
   BlockDesc& d = desc(i);
-  const uint64_t bit = 1ull << (slot_ % 64);
-  // SYNC POINT: evict-vs-pin (Dekker), the pinner's half; see try_evict.
-  d.pin_mask[slot_ / 64].fetch_or(bit, std::memory_order_seq_cst);
-  flush(&d.pin_mask[slot_ / 64], 8);
+  MemberSlot* me = member(slot_);
+  const uint32_t seq = next_pin_seq(slot_);
+  // 1. A free record near hash(slot, block); the journal names it before we take it.
+  const uint64_t mask = npins_ - 1, home = word::mix64((uint64_t(slot_) << 32) ^ i) & mask;
+  uint64_t pos = npins_;
+  for (uint32_t k = 0; k < kPinProbeLimit; ++k) {
+    const uint64_t q = (home + k) & mask;
+    Atomic64& r = pin_record(q);
+    uint64_t zero = 0;
+    if (r.load(std::memory_order_relaxed) != 0) continue;
+    me->pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
+    flush(&me->pin_op, 8);
+    if (r.cas(zero, word::pin_rec(slot_, i, false), std::memory_order_acq_rel)) {
+      flush(&r, 8);
+      pos = q;
+      break;
+    }
+  }
+  if (pos == npins_) {
+    add_counter(kCtrPinsRefused, 1);  // no room to record the pin: the caller sees a miss
+    return false;
+  }
+  // 2. The count, tagged with this journal entry.  3. The record is counted for certain.
+  change_pins(i, +1, slot_, seq);
+  Atomic64& rec = pin_record(pos);
+  rec.store(word::pin_rec(slot_, i, true), std::memory_order_release);
+  flush(&rec, 8);
   uint64_t s = sw.load(std::memory_order_seq_cst);
   if (word::kind(s) == kSealed && word::gen(s) == g && d.key[0].load(std::memory_order_relaxed) == k0 &&
       d.key[1].load(std::memory_order_relaxed) == k1) {
     pin_count_[i] = 1;
+    pin_pos_[i] = uint32_t(pos);
     if (!word::ref(s) && sw.cas(s, s | word::kRefBit, std::memory_order_relaxed)) flush(&sw, 8);  // CLOCK: recently used
     return true;
   }
-  d.pin_mask[slot_ / 64].fetch_and(~bit, std::memory_order_release);
-  flush(&d.pin_mask[slot_ / 64], 8);
+  unpin_record(slot_, pos, word::pin_rec(slot_, i, true));
   return false;
+}
+
+void Pool::unpin_record(uint32_t s, uint64_t pos, uint64_t rec) {
+  // The unpin of member s's record `rec` at `pos`: journal, count, record.  Run by
+  // the member itself, or by the one process recovering it (as s).
+  MemberSlot* m = member(s);
+  const uint32_t seq = next_pin_seq(s);
+  m->pin_op.store(word::journal(seq, word::kPinOpUnpin, pos), std::memory_order_release);
+  flush(&m->pin_op, 8);
+  change_pins(word::rec_index(rec), -1, s, seq);
+  Atomic64& r = pin_record(pos);
+  uint64_t want = rec;
+  if (r.cas(want, 0, std::memory_order_release)) flush(&r, 8);
 }
 
 void Pool::unpin(uint64_t i) {
   // Caller holds pin_mu_.
   if (pin_count_[i] == 0) return;
-  if (--pin_count_[i] == 0) {
-    // SYNC POINT: unpin.  Our reads of the block happen-before an evictor that
-    // sees the bit clear.
-    desc(i).pin_mask[slot_ / 64].fetch_and(~(1ull << (slot_ % 64)), std::memory_order_release);
-    flush(&desc(i).pin_mask[slot_ / 64], 8);
+  if (--pin_count_[i] == 0) unpin_record(slot_, pin_pos_[i], word::pin_rec(slot_, i, true));
+}
+
+void Pool::resolve_pin_journal(uint32_t s) {
+  // Member s died (or is us, leaving) between writing its journal and finishing that
+  // pin or unpin: decide from the descriptor's tag or the landed mark whether its
+  // count change happened, and make its record agree.  Idempotent.
+  MemberSlot* m = member(s);
+  const uint64_t j = m->pin_op.load(std::memory_order_acquire);
+  const uint64_t op = word::journal_op(j);
+  if (op == word::kPinOpNone) return;
+  const uint64_t pos = word::journal_pos(j);
+  const uint32_t seq = word::journal_seq(j);
+  if (pos < npins_) {
+    Atomic64& r = pin_record(pos);
+    const uint64_t rec = r.load(std::memory_order_acquire);
+    const uint64_t i = word::rec_index(rec);
+    if (word::rec_live(rec) && word::rec_slot(rec) == s && i < nblocks_) {
+      // Tag first, then the mark: a helper marks before it replaces the tag.
+      const uint64_t p = desc(i).pins.load(std::memory_order_seq_cst);
+      const bool landed = (word::pins_slot(p) == s && word::pins_seq(p) == seq) ||
+                          word::journal_landed(m->pin_op.load(std::memory_order_seq_cst));
+      uint64_t want = rec;
+      if (op == word::kPinOpPin && !word::rec_held(rec)) {
+        if (r.cas(want, landed ? word::pin_rec(s, i, true) : 0, std::memory_order_acq_rel)) flush(&r, 8);
+      } else if (op == word::kPinOpUnpin && landed) {
+        if (r.cas(want, 0, std::memory_order_acq_rel)) flush(&r, 8);
+      }
+    }
   }
+  uint64_t jj = j;
+  // Only the mark can have changed meanwhile; either way the entry is done.
+  if (!m->pin_op.cas(jj, word::journal(seq, word::kPinOpNone, 0), std::memory_order_acq_rel))
+    m->pin_op.store(word::journal(seq, word::kPinOpNone, 0), std::memory_order_release);
+  flush(&m->pin_op, 8);
+}
+
+void Pool::release_pins_of(const std::vector<bool>& mask, RecoveryReport& rep) {
+  if (!read_only_ && slot_ < mask.size() && mask[slot_] && still_member()) {
+    // Leaving (close): this process knows where its records are, so no scan.  At most
+    // one pin or unpin was interrupted (an exception under pin_mu_): its journal entry
+    // names its record; once resolved, a record of ours that no local count owns is
+    // released too.
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    const uint64_t j = member(slot_)->pin_op.load(std::memory_order_acquire);
+    resolve_pin_journal(slot_);
+    const uint64_t q = word::journal_pos(j);
+    if (word::journal_op(j) != word::kPinOpNone && q < npins_) {
+      const uint64_t r = pin_record(q).load(std::memory_order_acquire);
+      const uint64_t i = word::rec_index(r);
+      if (word::rec_live(r) && word::rec_held(r) && word::rec_slot(r) == slot_ && i < nblocks_ &&
+          (pin_count_[i] == 0 || pin_pos_[i] != q)) {
+        unpin_record(slot_, q, r);
+        ++rep.pins_dropped;
+      }
+    }
+    for (uint64_t i = 0; i < nblocks_; ++i) {
+      if (!pin_count_[i]) continue;
+      pin_count_[i] = 0;
+      const uint64_t want = word::pin_rec(slot_, i, true);
+      if (pin_pos_[i] < npins_ && pin_record(pin_pos_[i]).load(std::memory_order_acquire) == want) {
+        unpin_record(slot_, pin_pos_[i], want);
+        ++rep.pins_dropped;
+      }
+    }
+    resolve_pin_journal(slot_);
+    return;
+  }
+  for (uint32_t s = 0; s < max_members_; ++s)
+    if (mask[s]) resolve_pin_journal(s);
+  for (uint64_t pos = 0; pos < npins_; ++pos) {
+    Atomic64& r = pin_record(pos);
+    const uint64_t rec = r.load(std::memory_order_acquire);
+    if (!word::rec_live(rec)) continue;
+    const uint32_t s = word::rec_slot(rec);
+    if (s >= max_members_ || !mask[s]) continue;
+    if (word::rec_held(rec) && word::rec_index(rec) < nblocks_) {
+      unpin_record(s, pos, rec);
+      ++rep.pins_dropped;
+    } else {
+      // Never counted (its journal entry was resolved above), or names no block.
+      uint64_t want = rec;
+      if (r.cas(want, 0, std::memory_order_acq_rel)) flush(&r, 8);
+    }
+  }
+  // Done: a later occupant of the slot starts with an empty journal entry.
+  for (uint32_t s = 0; s < max_members_; ++s)
+    if (mask[s]) resolve_pin_journal(s);
 }
 
 size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {

@@ -22,13 +22,14 @@ uint64_t next_pow2(uint64_t x) {
 uint64_t index_slots_for(uint64_t n) { return std::max<uint64_t>(1024, next_pow2(2 * n)); }
 
 // Lays out n blocks; returns the bytes needed up to the end of the data region.
-uint64_t layout_for(const Geometry& g, uint64_t n, LayoutPlan* p) {
+uint64_t layout_for(const Geometry& g, uint64_t n, uint32_t max_members, LayoutPlan* p) {
   p->num_blocks = n;
+  p->max_members = max_members;
   p->index_slots = index_slots_for(n);
   uint64_t off = kPageBytes;  // superblock page
   p->regions[kRegionControl] = {off, sizeof(Control)};
   off += sizeof(Control);
-  p->regions[kRegionMembers] = {off, uint64_t(kMaxMembers) * sizeof(MemberSlot)};
+  p->regions[kRegionMembers] = {off, uint64_t(max_members) * sizeof(MemberSlot)};
   off += p->regions[kRegionMembers].size;
   p->regions[kRegionStates] = {off, align_up(n * 8, 64)};
   off += p->regions[kRegionStates].size;
@@ -45,6 +46,8 @@ uint64_t layout_for(const Geometry& g, uint64_t n, LayoutPlan* p) {
   p->transfer_max_blocks = uint32_t(align_up(tmax, 8));
   p->regions[kRegionTransfer] = {off, uint64_t(kTransferChannels) * (sizeof(Channel) + 8ull * p->transfer_max_blocks)};
   off += p->regions[kRegionTransfer].size;
+  p->regions[kRegionPins] = {off, pin_records_for(n, max_members) * 8};
+  off += p->regions[kRegionPins].size;
   off = align_up(off, kDataAlign);
   p->regions[kRegionData] = {off, n * g.block_stride};
   return off + n * g.block_stride;
@@ -83,8 +86,11 @@ Geometry make_geometry(const GeometryIn& in) {
   return g;
 }
 
-LayoutPlan plan_layout(const Geometry& g, uint64_t capacity, uint64_t size_align) {
+LayoutPlan plan_layout(const Geometry& g, uint64_t capacity, uint64_t size_align, uint32_t max_members) {
   LayoutPlan p{};
+  if (max_members < kMinMembers || max_members > kMaxMembersLimit)
+    raise(ErrorCode::kPool, "max_members must be between " + std::to_string(kMinMembers) + " and " +
+                                std::to_string(kMaxMembersLimit) + ", not " + std::to_string(max_members));
   // Above this, rounding the size up could wrap around and a huge request would read as a tiny one.
   constexpr uint64_t kMaxCapacity = 1ull << 62;
   if (capacity > kMaxCapacity)
@@ -95,17 +101,17 @@ LayoutPlan plan_layout(const Geometry& g, uint64_t capacity, uint64_t size_align
   while (lo + 1 < hi) {
     uint64_t mid = lo + (hi - lo) / 2;
     LayoutPlan t{};
-    if (layout_for(g, mid, &t) <= file) lo = mid;
+    if (layout_for(g, mid, max_members, &t) <= file) lo = mid;
     else hi = mid;
   }
   if (lo == 0) {
     LayoutPlan t{};
-    uint64_t need = layout_for(g, 1, &t);
+    uint64_t need = layout_for(g, 1, max_members, &t);
     raise(ErrorCode::kFull, "capacity " + std::to_string(capacity) + " bytes is too small for one " +
                                 std::to_string(g.block_bytes) + "-byte KV block; need at least " + std::to_string(need) +
                                 " bytes (" + mib(need + (1 << 20) - 1) + ")");
   }
-  layout_for(g, lo, &p);
+  layout_for(g, lo, max_members, &p);
   p.total_bytes = file;
   return p;
 }
@@ -156,14 +162,16 @@ void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, con
     raise(ErrorCode::kCorrupt, who + " has inconsistent block sizes in its superblock");
   if (sb->num_blocks == 0 || sb->num_blocks > kMaxBlocks)
     raise(ErrorCode::kCorrupt, who + " has an invalid block count " + std::to_string(sb->num_blocks));
-  if (sb->max_members != kMaxMembers || sb->index_probe_limit != kIndexProbeLimit)
-    raise(ErrorCode::kCorrupt, who + " has an invalid member table or index configuration");
+  if (sb->max_members < kMinMembers || sb->max_members > kMaxMembersLimit)
+    raise(ErrorCode::kCorrupt, who + " has an invalid member table size " + std::to_string(sb->max_members));
+  if (sb->index_probe_limit != kIndexProbeLimit)
+    raise(ErrorCode::kCorrupt, who + " has an invalid index configuration");
   if (sb->coherence > 1) raise(ErrorCode::kCorrupt, who + " has an unknown coherence mode " + std::to_string(sb->coherence));
   if (sb->flags & ~kFlagBlockChecksums) raise(ErrorCode::kCorrupt, who + " has unknown feature flags");
   // Regions: recompute the layout this geometry and block count imply and demand
   // an exact match, which covers bounds, alignment, ordering and overlap at once.
   LayoutPlan p{};
-  uint64_t end = layout_for(g, sb->num_blocks, &p);
+  uint64_t end = layout_for(g, sb->num_blocks, sb->max_members, &p);
   if (sb->transfer_max_blocks != p.transfer_max_blocks)
     raise(ErrorCode::kCorrupt, who + " has an invalid transfer channel size");
   if (sb->index_slots != p.index_slots)

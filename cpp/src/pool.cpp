@@ -213,7 +213,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
   uint64_t align = opt.map.huge_pages ? kDataAlign : kPageBytes;
   // Plan against the requested capacity first so an impossible request fails
   // before anything is created.
-  if (b != Backend::kDevDax) plan_layout(g, capacity, align);
+  if (b != Backend::kDevDax) plan_layout(g, capacity, align, opt.max_members);
   Mapping m = Mapping::create(name, capacity, opt.map);
   uint8_t* base = m.base();
   try {
@@ -224,7 +224,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     }
     LayoutPlan p{};
     try {
-      p = plan_layout(g, m.size(), kPageBytes);
+      p = plan_layout(g, m.size(), kPageBytes, opt.max_members);
     } catch (const Error& e) {
       if (b != Backend::kDevDax) throw;
       raise(e.code(), "device DAX " + m.path() + " (" + std::to_string(m.size()) + " bytes) is too small for this pool: " + e.what());
@@ -246,7 +246,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     sb->creator_pid = uint32_t(getpid());
     sb->coherence = uint32_t(opt.coherence);
     sb->flags = opt.block_checksums ? kFlagBlockChecksums : 0;
-    sb->max_members = kMaxMembers;
+    sb->max_members = p.max_members;
     sb->geometry = g;
     sb->num_blocks = p.num_blocks;
     sb->index_slots = p.index_slots;
@@ -362,6 +362,8 @@ std::unique_ptr<Pool> Pool::map_validated(const std::string& name, const PoolOpt
   p->data_off_ = sb->regions[kRegionData].offset;
   p->transfer_off_ = sb->regions[kRegionTransfer].offset;
   p->transfer_max_ = sb->transfer_max_blocks;
+  p->pins_off_ = sb->regions[kRegionPins].offset;
+  p->npins_ = sb->regions[kRegionPins].size / 8;
   p->coherence_ = Coherence(sb->coherence);
   p->checksums_ = (sb->flags & kFlagBlockChecksums) != 0;
   p->max_members_ = sb->max_members;
@@ -372,6 +374,7 @@ std::unique_ptr<Pool> Pool::map_validated(const std::string& name, const PoolOpt
   p->pid_ = uint32_t(getpid());
   p->fork_gen_ = g_fork_gen.load(std::memory_order_relaxed);
   p->pin_count_.assign(p->nblocks_, 0);
+  p->pin_pos_.assign(p->nblocks_, 0);
   return p;
 }
 
@@ -574,6 +577,9 @@ bool Pool::claim_slot(uint32_t i, uint64_t start_time) {
   flush(&m->ctl, 8);
   slot_ = i;
   epoch_ = epoch;
+  // The slot's journal sequence goes on from its last occupant's (never reused, so a
+  // stale tag in a descriptor never names one of our operations).
+  pin_seq_ = word::journal_seq(m->pin_op.load(std::memory_order_acquire));
   last_heartbeat_.store(now, std::memory_order_relaxed);
   return true;
 }
@@ -638,7 +644,7 @@ bool Pool::member_dead(uint32_t s, uint64_t c) const {
       if (r >= max_members_) return true;
       uint64_t rc = member(r)->ctl.load(std::memory_order_acquire);
       if (word::member_status(rc) != kMemberAlive) return true;
-      if ((word::member_epoch(rc) & 0xffffffu) != word::recoverer_epoch(word::member_payload(c))) return true;
+      if ((word::member_epoch(rc) & 0xffffu) != word::recoverer_epoch(word::member_payload(c))) return true;
       if (r == slot_) return false;
       return member_dead(r, rc);
     }
@@ -687,8 +693,8 @@ RecoveryReport Pool::do_recover() {
     }
   }
   if (mine.empty()) return rep;
-  uint64_t mask[2] = {0, 0};
-  for (uint32_t s : mine) mask[s / 64] |= 1ull << (s % 64);
+  std::vector<bool> mask(max_members_, false);
+  for (uint32_t s : mine) mask[s] = true;
   release_members(mask, rep);
   for (uint32_t s : mine) {
     MemberSlot* m = member(s);
@@ -706,7 +712,7 @@ RecoveryReport Pool::do_recover() {
   return rep;
 }
 
-void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
+void Pool::release_members(const std::vector<bool>& mask, RecoveryReport& rep) {
   abort_channels_of(mask);  // first: consumers waiting on a gone producer get an error, not a hang
   // One pass over the blocks for every member in `mask`.  Each step is
   // idempotent, so a recoverer that dies here leaves work the next one redoes.
@@ -717,7 +723,7 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
       uint64_t k = word::kind(s);
       if (k != kWriting && k != kEvicting) break;
       uint64_t o = word::owner(s);
-      if (o >= 128 || !(mask[o / 64] & (1ull << (o % 64)))) break;
+      if (o >= max_members_ || !mask[o]) break;
       remove_entry(i, word::gen(s));
       write_back_block(i);  // a dead writer of this host may have left them dirty in our cache
       if (sw.cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_acq_rel)) {
@@ -727,14 +733,8 @@ void Pool::release_members(const uint64_t mask[2], RecoveryReport& rep) {
         break;
       }
     }
-    BlockDesc& d = desc(i);
-    for (int w = 0; w < 2; ++w) {
-      if (!mask[w]) continue;
-      uint64_t had = d.pin_mask[w].fetch_and(~mask[w], std::memory_order_acq_rel);
-      if (had & mask[w]) flush(&d.pin_mask[w], 8);
-      rep.pins_dropped += uint64_t(__builtin_popcountll(had & mask[w]));
-    }
   }
+  release_pins_of(mask, rep);
 }
 
 void Pool::retire_counters(uint32_t s) {
@@ -782,8 +782,8 @@ void Pool::leave_pool() {
   // A handle declared dead: its slot was recovered and may be someone else's now.
   if (!still_member()) return;
   // Leaving is what recovery does for a dead member, done by the member itself.
-  uint64_t mine[2] = {0, 0};
-  mine[slot_ / 64] = 1ull << (slot_ % 64);
+  std::vector<bool> mine(max_members_, false);
+  mine[slot_] = true;
   RecoveryReport ignored;
   release_members(mine, ignored);
   {
@@ -852,8 +852,7 @@ Stats Pool::stats() const {
       case kEvicting: ++st.evicting; break;
       default: break;
     }
-    const BlockDesc& d = desc(i);
-    if (d.pin_mask[0].load(std::memory_order_relaxed) | d.pin_mask[1].load(std::memory_order_relaxed)) ++st.pinned;
+    if (word::pins_count(desc(i).pins.load(std::memory_order_relaxed))) ++st.pinned;
   }
   for (uint32_t c = 0; c < kCounterCount; ++c) st.counters[c] = ctl()->retired[c].load(std::memory_order_relaxed);
   for (uint32_t s = 0; s < max_members_; ++s) {

@@ -30,11 +30,11 @@ using namespace layout;
 namespace {
 
 constexpr uint64_t chan_ctl(uint64_t status, uint32_t epoch, uint32_t owner) {
-  return (status << 61) | (uint64_t(epoch & 0x1fffffffu) << 32) | (uint64_t(owner & 0xffu) << 24);
+  return (status << 61) | (uint64_t(epoch & 0x1fffffffu) << 32) | (uint64_t(owner & 0xffffu) << 16);
 }
 constexpr uint64_t chan_status(uint64_t c) { return c >> 61; }
 constexpr uint32_t chan_epoch(uint64_t c) { return uint32_t((c >> 32) & 0x1fffffffu); }
-constexpr uint32_t chan_owner(uint64_t c) { return uint32_t((c >> 24) & 0xffu); }
+constexpr uint32_t chan_owner(uint64_t c) { return uint32_t((c >> 16) & 0xffffu); }
 
 uint64_t monotonic_ns() {
   timespec ts{};
@@ -443,7 +443,7 @@ void Pool::transfer_abort(TransferRef t) {
   }
 }
 
-void Pool::abort_channels_of(const uint64_t mask[2]) {
+void Pool::abort_channels_of(const std::vector<bool>& mask) {
   // Recovery of dead producers (and close()): their open transfers can never
   // finish.  Mark them aborted and wake the consumers; the blocks and pins are
   // reclaimed by the member recovery itself.
@@ -453,7 +453,7 @@ void Pool::abort_channels_of(const uint64_t mask[2]) {
     uint64_t s = chan_status(cur);
     if (s != kChanOpen && s != kChanFilling) continue;
     uint32_t o = chan_owner(cur);
-    if (o >= 128 || !(mask[o / 64] & (1ull << (o % 64)))) continue;
+    if (o >= max_members_ || !mask[o]) continue;
     ch.ready.fetch_or(kReadyAborted, std::memory_order_acq_rel);
     ch.done_ns.store(realtime_ns(), std::memory_order_relaxed);
     ch.ctl.cas(cur, chan_ctl(kChanAborted, chan_epoch(cur), o), std::memory_order_acq_rel);

@@ -46,11 +46,15 @@ constexpr const char* kBump = "on-media layout changed: bump layout::kLayoutVers
 
 TEST(LayoutPins, Constants) {
   EXPECT_EQ(std::string(kMagic, sizeof kMagic), std::string("PYKVSHM\0", 8)) << kBump;
-  PIN(kLayoutVersion, 2);
+  PIN(kLayoutVersion, 3);
   PIN(kPageBytes, 4096);
   PIN(kDataAlign, 2 * 1024 * 1024);
   PIN(kBlockAlign, 64);
-  PIN(kMaxMembers, 128);
+  PIN(kDefaultMaxMembers, 4096);
+  PIN(kMinMembers, 2);
+  PIN(kMaxMembersLimit, 65535);
+  PIN(kPinProbeLimit, 64);
+  PIN(kMaxPinRecords, 1ull << 29);
   PIN(kIndexProbeLimit, 64);
   PIN(kMaxBlocks, 268435455);
   PIN(kFlagBlockChecksums, 1);
@@ -68,7 +72,8 @@ TEST(LayoutPins, EnumsStoredInThePool) {
   PIN(kRegionIndex, 4);
   PIN(kRegionTransfer, 5);
   PIN(kRegionData, 6);
-  PIN(kRegionCount, 7);
+  PIN(kRegionPins, 7);
+  PIN(kRegionCount, 8);
   // Counters are summed across members by index: the index is on media.
   PIN(kCtrHits, 0);
   PIN(kCtrMisses, 1);
@@ -81,6 +86,7 @@ TEST(LayoutPins, EnumsStoredInThePool) {
   PIN(kCtrIndexFull, 8);
   PIN(kCtrChecksumErrors, 9);
   PIN(kCtrAllocs, 10);
+  PIN(kCtrPinsRefused, 11);
   PIN(kCounterCount, 16);
   PIN(kMemberFree, 0);
   PIN(kMemberAlive, 1);
@@ -129,9 +135,9 @@ TEST(LayoutPins, Superblock) {
   PIN(offsetof(Superblock, index_probe_limit), 120);
   // 124 .. 128: four zero bytes
   PIN(offsetof(Superblock, regions), 128);
-  PIN(sizeof(Superblock::regions), 7 * 16);
-  PIN(offsetof(Superblock, reserved), 240);
-  PIN(sizeof(Superblock::reserved), 264);
+  PIN(sizeof(Superblock::regions), 8 * 16);
+  PIN(offsetof(Superblock, reserved), 256);
+  PIN(sizeof(Superblock::reserved), 248);
   PIN(offsetof(Superblock, checksum), 504);
   PIN(sizeof(Superblock::checksum), 8);
 }
@@ -177,7 +183,8 @@ TEST(LayoutPins, MemberSlot) {
   PIN(offsetof(MemberSlot, host_id), 16);
   PIN(offsetof(MemberSlot, heartbeat_ns), 24);
   PIN(offsetof(MemberSlot, attach_ns), 32);
-  PIN(offsetof(MemberSlot, pad0), 40);
+  PIN(offsetof(MemberSlot, pin_op), 40);
+  PIN(offsetof(MemberSlot, pad0), 48);
   PIN(offsetof(MemberSlot, counters), 64);
   PIN(sizeof(MemberSlot::counters), 16 * 8);
   PIN(offsetof(MemberSlot, pad1), 192);
@@ -186,7 +193,8 @@ TEST(LayoutPins, MemberSlot) {
 TEST(LayoutPins, BlockDesc) {
   PIN(sizeof(BlockDesc), 64);
   PIN(alignof(BlockDesc), 64);
-  PIN(offsetof(BlockDesc, pin_mask), 0);
+  PIN(offsetof(BlockDesc, pins), 0);
+  PIN(offsetof(BlockDesc, reserved0), 8);
   PIN(offsetof(BlockDesc, key), 16);
   PIN(offsetof(BlockDesc, crc), 32);
   PIN(offsetof(BlockDesc, desc_flags), 36);
@@ -224,7 +232,20 @@ TEST(LayoutPins, WordEncodings) {
   PIN(word::member(kMemberAlive, 0, 0), 1ull << 62);
   PIN(word::member(kMemberClaiming, 0x3fffffff, 0xffffffff), 0xffffffffffffffffull);
   PIN(word::member(kMemberRecovering, 2, 0x12345678), 0x8000000212345678ull);
-  PIN(word::recoverer(5, 0x123456), 0x05123456u);
+  PIN(word::recoverer(5, 0x123456), 0x00053456u);  // recoverer slot:16 | epoch:16 (low bits)
+  PIN(word::recoverer(0xfffe, 0x1ffff), 0xfffeffffu);
+  // Descriptor pin word: count:16 | tag slot:16 | tag seq:32
+  PIN(word::pins(1, 0, 0), 1ull << 48);
+  PIN(word::pins(0xffff, 0xfffe, 0xffffffffu), 0xfffffffeffffffffull);
+  PIN(word::pins(3, 2, 7), 0x0003000200000007ull);
+  // Pin journal: seq:32 | op:2 | landed:1 | position:29
+  PIN(word::journal(1, word::kPinOpPin, 5), 0x0000000140000005ull);
+  PIN(word::journal(1, word::kPinOpUnpin, 5, true), 0x00000001a0000005ull);
+  PIN(word::journal(0xffffffffu, word::kPinOpNone, (1ull << 29) - 1), 0xffffffff1fffffffull);
+  // Pin record: live:1 | held:1 | 0:18 | slot:16 | block:28
+  PIN(word::pin_rec(0, 0, false), 1ull << 63);
+  PIN(word::pin_rec(0xffff, 0x0fffffff, true), 0xc0000fffffffffffull);
+  PIN(word::pin_rec(2, 9, true), 0xc000000020000009ull);
   // Key hashing decides where an entry lives: a pool written by one build must
   // be searchable by another.
   PIN(word::mix64(0), 0);
@@ -277,38 +298,55 @@ void expect_plan(const LayoutPlan& p, const ExpectedPlan& e) {
   }
 }
 
-// 512-byte blocks in 8 MiB: metadata (states, descriptors, index, 128 transfer
-// channels) fits below the first 2 MiB boundary, so the data region is
-// [2 MiB, 8 MiB) = 12288 blocks; the index has next_pow2(2 * 12288) slots; a
-// transfer may cover 12288 * 512 / (64 * 128) = 768 blocks (the table stays
-// at most 1/8 of the data).
+// 512-byte blocks in 8 MiB with 128 member slots: the metadata (states,
+// descriptors, index, 128 transfer channels, 8 pin records per block) of 12288
+// blocks would pass the first 2 MiB boundary; the search settles on 8192 blocks
+// with data at [2 MiB, 6 MiB); the index has next_pow2(2 * 8192) slots; a transfer may cover
+// 8192 * 512 / (64 * 128) = 512 blocks (the table stays at most 1/8 of the data).
 TEST(LayoutPlan, SmallBlocksEightMiB) {
-  LayoutPlan p = plan_layout(make_geometry({2, 2, 8, 4, 1, 2}), 8ull << 20, kPageBytes);
-  PIN(p.transfer_max_blocks, 768);
-  expect_plan(p, {12288, 32768, 8ull << 20,
+  LayoutPlan p = plan_layout(make_geometry({2, 2, 8, 4, 1, 2}), 8ull << 20, kPageBytes, 128);
+  PIN(p.transfer_max_blocks, 512);
+  PIN(p.max_members, 128);
+  expect_plan(p, {8192, 16384, 8ull << 20,
                   {{4096, 4096},         // control
                    {8192, 32768},        // members: 128 x 256
-                   {40960, 98304},       // states: 12288 x 8
-                   {139264, 786432},     // descriptors: 12288 x 64
-                   {925696, 262144},     // index: 32768 x 8
-                   {1187840, 802816},    // transfer: 128 x (128 + 768 x 8)
-                   {2097152, 6291456}}});  // data: 12288 x 512
+                   {40960, 65536},       // states: 8192 x 8
+                   {106496, 524288},     // descriptors: 8192 x 64
+                   {630784, 131072},     // index: 16384 x 8
+                   {761856, 540672},     // transfer: 128 x (128 + 512 x 8)
+                   {2097152, 4194304},   // data: 8192 x 512
+                   {1302528, 524288}}});  // pin records: 65536 x 8, after the transfer channels
 }
 
 // 2 MiB blocks, a capacity that is not a multiple of anything, rounded up to
-// 2 MiB: 48 x 2 MiB of file, one 2 MiB unit of metadata, 47 blocks.  The state
-// array (376 bytes) is padded to a cache line; the index has its minimum size.
+// 2 MiB: 48 x 2 MiB of file, one 2 MiB unit of metadata (the default 4096
+// member slots take 1 MiB of it), 47 blocks.  The state array (376 bytes) is
+// padded to a cache line; the index has its minimum size; the pin records are
+// 2 x 4096 (twice the member slots, more than 8 per block).
 TEST(LayoutPlan, LargeBlocksOddCapacity) {
   LayoutPlan p = plan_layout(make_geometry({32, 8, 128, 16, 2, 2}), 100'000'000, kDataAlign);
   PIN(p.transfer_max_blocks, 48);  // 47 rounded up to a multiple of 8
+  PIN(p.max_members, 4096);
   expect_plan(p, {47, 1024, 48ull * (2ull << 20),
                   {{4096, 4096},
-                   {8192, 32768},
-                   {40960, 384},
-                   {41344, 3008},
-                   {44352, 8192},
-                   {52544, 65536},  // transfer: 128 x (128 + 48 x 8)
-                   {2097152, 47ull * (2ull << 20)}}});
+                   {8192, 1048576},
+                   {1056768, 384},
+                   {1057152, 3008},
+                   {1060160, 8192},
+                   {1068352, 65536},  // transfer: 128 x (128 + 48 x 8)
+                   {2097152, 47ull * (2ull << 20)},
+                   {1133888, 65536}}});
+}
+
+TEST(LayoutPlan, MemberTableSizeIsValidated) {
+  for (uint32_t bad : {0u, 1u, 65536u}) {
+    try {
+      plan_layout(make_geometry({2, 2, 8, 4, 1, 2}), 8ull << 20, kPageBytes, bad);
+      ADD_FAILURE() << "max_members " << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("max_members"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(LayoutPlan, TooSmallForOneBlockIsFull) {
@@ -469,7 +507,9 @@ TEST_F(SuperblockTest, OtherFieldsAreChecked) {
       {"block count", [](Superblock* s) { s->num_blocks = 0; }},
       {"block sizes", [](Superblock* s) { s->geometry.block_stride += 64; }},
       {"geometry", [](Superblock* s) { s->geometry.dtype_size = 3; }},
-      {"member table", [](Superblock* s) { s->max_members = 64; }},
+      {"member table", [](Superblock* s) { s->max_members = 64; }},  // valid range, regions then disagree
+      {"member table too small", [](Superblock* s) { s->max_members = 1; }},
+      {"member table too large", [](Superblock* s) { s->max_members = 65536; }},
       {"coherence", [](Superblock* s) { s->coherence = 2; }},
       {"feature flags", [](Superblock* s) { s->flags = 1u << 7; }},
   };

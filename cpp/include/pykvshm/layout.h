@@ -1,4 +1,4 @@
-// On-media layout of a pykvshm pool, layout version 2.
+// On-media layout of a pykvshm pool, layout version 3.
 //
 // Everything here is addressed by byte offset from the start of the mapping or by
 // block index; nothing stores a pointer.  docs/design/layout.md draws the picture;
@@ -7,11 +7,12 @@
 //
 //   0        Superblock            (4 KiB page, read-mostly, checksummed)
 //   4 KiB    Control               (4 KiB: hot shared counters, one per 128-byte pair of lines)
-//   8 KiB    Member table          (kMaxMembers x 256 B)
+//   8 KiB    Member table          (max_members x 256 B, sized at creation)
 //   ...      Block states          (num_blocks x 8 B, dense so allocation scans are cheap)
-//   ...      Block descriptors     (num_blocks x 64 B: pin mask, key, checksum)
+//   ...      Block descriptors     (num_blocks x 64 B: pin count, key, checksum)
 //   ...      Prefix index          (index_slots x 8 B, open addressing)
 //   ...      Transfer channels     (kTransferChannels x (128 B + transfer_max_blocks x 8 B))
+//   ...      Pin records           (pin_records_for(num_blocks, max_members) x 8 B: who pins what)
 //   ...      Data                  (2 MiB aligned; num_blocks x block_stride)
 #pragma once
 
@@ -23,11 +24,15 @@
 namespace pykvshm::layout {
 
 inline constexpr char kMagic[8] = {'P', 'Y', 'K', 'V', 'S', 'H', 'M', '\0'};
-inline constexpr uint32_t kLayoutVersion = 2;  // 2: HostLine hold_ns / hold_lease_ns (holder lease)
+// 2: HostLine hold_ns / hold_lease_ns (holder lease).  3: member table sized at
+// creation (max_members), pin count + pin records + pin journal instead of pin masks.
+inline constexpr uint32_t kLayoutVersion = 3;
 inline constexpr uint64_t kPageBytes = 4096;
 inline constexpr uint64_t kDataAlign = 2ull << 20;  // 2 MiB: huge pages, device DAX, DMA
 inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a cache line
-inline constexpr uint32_t kMaxMembers = 128;        // attached pool handles at once
+inline constexpr uint32_t kDefaultMaxMembers = 4096;  // member slots (attached pool handles + 1 spare) unless asked otherwise
+inline constexpr uint32_t kMinMembers = 2;            // one member and the spare
+inline constexpr uint32_t kMaxMembersLimit = 65535;   // slots (and pin counts) are 16-bit in pin, recoverer and channel words
 inline constexpr uint32_t kIndexProbeLimit = 64;    // bounded probing, never an unbounded loop
 inline constexpr uint64_t kMaxBlocks = (1ull << 28) - 1;  // index entries hold a 28-bit index
 inline constexpr uint32_t kTransferChannels = 128;  // layer-wise transfers open (or recently finished) at once
@@ -44,7 +49,8 @@ enum Region : uint32_t {
   kRegionIndex = 4,
   kRegionTransfer = 5,  // layer-wise transfer channels
   kRegionData = 6,
-  kRegionCount = 7,
+  kRegionPins = 7,      // pin records (placed before the data; the enum value only names the slot)
+  kRegionCount = 8,
 };
 
 struct RegionDesc {
@@ -77,14 +83,14 @@ struct Superblock {
   uint32_t creator_pid;          // 48
   uint32_t coherence;            // 52  Coherence
   uint32_t flags;                // 56  kFlag*
-  uint32_t max_members;          // 60
+  uint32_t max_members;          // 60  member slots, chosen at creation (kMinMembers .. kMaxMembersLimit)
   Geometry geometry;             // 64
   uint64_t num_blocks;           // 104
   uint64_t index_slots;          // 112 power of two
   uint32_t index_probe_limit;    // 120
   uint32_t transfer_max_blocks;  // 124 handles per transfer channel
-  RegionDesc regions[kRegionCount];  // 128 .. 240
-  uint8_t reserved[264];         // 240 .. 504, zero
+  RegionDesc regions[kRegionCount];  // 128 .. 256
+  uint8_t reserved[248];         // 256 .. 504, zero
   uint64_t checksum;             // 504 crc32c of bytes [0,8) and [12,504)
 };
 static_assert(sizeof(Superblock) == 512);
@@ -118,6 +124,7 @@ enum Counter : uint32_t {
   kCtrIndexFull,       // keys not stored because their index neighbourhood was full
   kCtrChecksumErrors,  // blocks whose bytes did not match their checksum on acquire
   kCtrAllocs,          // blocks allocated (free or evicted)
+  kCtrPinsRefused,     // pins refused because no pin record was free near the member's hash (a miss)
   kCounterCount = 16,
 };
 
@@ -176,7 +183,7 @@ static_assert(offsetof(Control, hosts) == 1280);
 
 // Member slot: one per attached pool handle.
 //   ctl = status:2 | epoch:30 | payload:32
-//   payload = pid for kMemberAlive; (recoverer slot:8 | recoverer epoch:24) for
+//   payload = pid for kMemberAlive; (recoverer slot:16 | recoverer epoch:16) for
 //   kMemberRecovering; seconds of CLOCK_REALTIME (low 32 bits) for kMemberClaiming.
 enum MemberStatus : uint64_t { kMemberFree = 0, kMemberAlive = 1, kMemberRecovering = 2, kMemberClaiming = 3 };
 
@@ -186,18 +193,21 @@ struct alignas(64) MemberSlot {
   Atomic64 host_id;        // 16  boot id + pid namespace; members of another host use the lease
   Atomic64 heartbeat_ns;   // 24  CLOCK_REALTIME of the last API call (at most every 100 ms)
   Atomic64 attach_ns;      // 32
-  uint8_t pad0[24];        // 40
+  Atomic64 pin_op;         // 40  pin journal: the slot's pin/unpin in flight (word::journal); kept across epochs
+  uint8_t pad0[16];        // 48
   Atomic64 counters[kCounterCount];  // 64   written by the member only, summed by stats()
   uint8_t pad1[64];        // 192
 };
 static_assert(sizeof(MemberSlot) == 256);
 static_assert(offsetof(MemberSlot, counters) == 64);
+static_assert(offsetof(MemberSlot, pin_op) == 40);
 
 // Block state word: gen:32 | kind:3 | ref:1 | owner:28
 enum BlockKind : uint64_t { kFree = 0, kWriting = 1, kSealed = 2, kEvicting = 3 };
 
 struct alignas(64) BlockDesc {
-  Atomic64 pin_mask[2];   // 0   bit m = member slot m holds a pin
+  Atomic64 pins;          // 0   count:16 | tag slot:16 | tag seq:32 (word::pins): members pinning it, last changer
+  uint64_t reserved0;     // 8   zero
   Atomic64 key[2];        // 16  16-byte key, written before the index entry is inserted
   Atomic32 crc;           // 32  crc32c of the block's bytes (when kFlagBlockChecksums)
   Atomic32 desc_flags;    // 36  0, or kDescWithdrawn | (gen & kDescGenMask): that generation failed its checksum
@@ -207,10 +217,11 @@ inline constexpr uint32_t kDescWithdrawn = 1u << 31;
 inline constexpr uint32_t kDescGenMask = kDescWithdrawn - 1;
 static_assert(sizeof(BlockDesc) == 64);
 static_assert(offsetof(BlockDesc, key) == 16);
+static_assert(offsetof(BlockDesc, pins) == 0);
 static_assert(offsetof(BlockDesc, crc) == 32);
 
 // Transfer channel: one layer-wise handoff of a request's blocks, producer to consumers.
-//   ctl = status:3 | epoch:29 | owner slot:8 | 0:24
+//   ctl = status:3 | epoch:29 | owner slot:16 | 0:16
 enum ChannelStatus : uint64_t { kChanFree = 0, kChanFilling = 1, kChanOpen = 2, kChanDone = 3, kChanAborted = 4 };
 inline constexpr uint32_t kReadyDone = 1u << 30;     // in Channel::ready
 inline constexpr uint32_t kReadyAborted = 1u << 31;  // in Channel::ready
@@ -240,5 +251,23 @@ static_assert(offsetof(Channel, num_blocks) == 48);
 inline constexpr uint64_t kEntryEmpty = 0;
 inline constexpr uint64_t kEntryTomb = 1;
 inline constexpr uint64_t kEntryClearing = 2;
+
+}  // namespace pykvshm::layout
+
+namespace pykvshm::layout {
+
+// Pin records: one 64-bit word per (member, pinned block), 0 = free.  recovery.md,
+// "Pins".  Sized from the pool's blocks and members; a member takes any free record
+// near a hash of (slot, block) and remembers where, so no lookup ever probes.
+inline constexpr uint32_t kPinProbeLimit = 64;
+inline constexpr uint64_t kMaxPinRecords = 1ull << 29;  // a journal names a record in 29 bits
+constexpr uint64_t pin_records_for(uint64_t num_blocks, uint32_t max_members) {
+  uint64_t want = 8 * num_blocks > 2ull * max_members ? 8 * num_blocks : 2ull * max_members;
+  if (want < 1024) want = 1024;
+  if (want > kMaxPinRecords) want = kMaxPinRecords;
+  uint64_t p = 1;
+  while (p < want) p <<= 1;
+  return p;
+}
 
 }  // namespace pykvshm::layout

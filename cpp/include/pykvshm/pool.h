@@ -37,6 +37,7 @@ struct PoolOptions {
   MapOptions map;
   layout::Coherence coherence = layout::Coherence::kCoherent;
   bool block_checksums = false;  // create only
+  uint32_t max_members = layout::kDefaultMaxMembers;  // create only: member slots (one is the spare)
   uint64_t host_id = 0;          // 0: derive from boot id + pid namespace
   uint64_t lease_ns = 10'000'000'000ull;  // members of other hosts are dead after this silence
   unsigned copy_threads = 1;                    // the copy engine's threads (process-local)
@@ -79,9 +80,11 @@ struct MemberInfo {
 struct LayoutPlan {
   uint64_t num_blocks = 0, index_slots = 0, total_bytes = 0;
   uint32_t transfer_max_blocks = 0;
+  uint32_t max_members = layout::kDefaultMaxMembers;
   layout::RegionDesc regions[layout::kRegionCount]{};
 };
-LayoutPlan plan_layout(const layout::Geometry& g, uint64_t capacity_bytes, uint64_t size_align);
+LayoutPlan plan_layout(const layout::Geometry& g, uint64_t capacity_bytes, uint64_t size_align,
+                       uint32_t max_members = layout::kDefaultMaxMembers);
 layout::Geometry make_geometry(const GeometryIn& in);  // throws kGeometry on an invalid geometry
 uint32_t dtype_size_for_code(uint32_t code);           // 0 for an unknown code
 
@@ -177,6 +180,7 @@ class Pool {
   const Mapping& mapping() const { return map_; }  // backend and placement
   layout::Coherence coherence() const { return coherence_; }
   bool block_checksums() const { return checksums_; }
+  uint32_t max_members() const { return max_members_; }
   uint32_t member_slot() const { return slot_; }
   uint64_t host_id() const { return host_id_; }
   std::array<uint8_t, 16> uuid() const;
@@ -329,7 +333,17 @@ class Pool {
   // What leaving takes back from the members in `mask` (dead ones in recovery, this one in
   // close): their open transfers are aborted, their blocks being written or evicted freed,
   // their pins dropped.
-  void release_members(const uint64_t mask[2], RecoveryReport& rep);
+  void release_members(const std::vector<bool>& mask, RecoveryReport& rep);
+  // Pins (recovery.md, "Pins").  change_pins adds `delta` to block i's pin count with
+  // the tag (slot, seq), first marking landed the journal entry the old tag names.
+  void change_pins(uint64_t i, int delta, uint32_t slot, uint32_t seq);
+  void help_landed(uint64_t pins_word);
+  uint32_t next_pin_seq(uint32_t slot);  // the slot's journal sequence number after the last one
+  // Recovery of slot s's pins (s dead and claimed by us, or s == slot_ leaving):
+  // finish its journal entry, then release every record it holds.
+  void resolve_pin_journal(uint32_t s);
+  void release_pins_of(const std::vector<bool>& mask, RecoveryReport& rep);
+  void unpin_record(uint32_t s, uint64_t pos, uint64_t rec);
   void retire_counters(uint32_t slot);
   void leave_pool();                    // close(): give everything back, free the slot  // fold a member's counters into the retired totals
   uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
@@ -383,6 +397,11 @@ class Pool {
     fresh(d, sizeof(layout::BlockDesc));
     return *d;
   }
+  Atomic64& pin_record(uint64_t pos) const {
+    auto* r = reinterpret_cast<Atomic64*>(map_.base() + pins_off_) + pos;
+    fresh(r, 8);
+    return *r;
+  }
   Atomic64& entry(uint64_t pos) const {
     auto* e = reinterpret_cast<Atomic64*>(map_.base() + index_off_) + pos;
     fresh(e, 8);
@@ -405,7 +424,7 @@ class Pool {
   void check_spans(const uint64_t* handles, const uint64_t* offsets, const uint64_t* bytes, size_t n) const;
   layout::Channel& owned_channel(TransferRef t, uint64_t status) const;
   layout::Channel& attached_channel(TransferRef t) const;
-  void abort_channels_of(const uint64_t mask[2]);
+  void abort_channels_of(const std::vector<bool>& mask);
   void wake(Atomic32& word) const noexcept;
 
   mutable CallGate calls_;
@@ -418,6 +437,7 @@ class Pool {
   uint64_t nblocks_ = 0, nslots_ = 0;
   uint64_t ctl_off_ = 0, members_off_ = 0, states_off_ = 0, desc_off_ = 0, index_off_ = 0, data_off_ = 0;
   uint64_t transfer_off_ = 0;
+  uint64_t pins_off_ = 0, npins_ = 0;  // pin record region and its records (a power of two)
   uint32_t transfer_max_ = 0;
   layout::Coherence coherence_ = layout::Coherence::kCoherent;
   bool checksums_ = false;
@@ -447,6 +467,8 @@ class Pool {
 
   mutable std::mutex pin_mu_;
   std::vector<uint32_t> pin_count_;  // this member's pins per block
+  std::vector<uint32_t> pin_pos_;    // where this member's pin record of each pinned block is
+  uint32_t pin_seq_ = 0;             // this member's last journal sequence number
 };
 
 // Liveness helpers (exposed for tests).

@@ -47,9 +47,48 @@ constexpr uint64_t member(uint64_t status, uint32_t epoch, uint32_t payload) {
 constexpr uint64_t member_status(uint64_t c) { return c >> 62; }
 constexpr uint32_t member_epoch(uint64_t c) { return uint32_t((c >> 32) & 0x3fffffffu); }
 constexpr uint32_t member_payload(uint64_t c) { return uint32_t(c); }
-constexpr uint32_t recoverer(uint32_t slot, uint32_t epoch) { return (slot << 24) | (epoch & 0xffffffu); }
-constexpr uint32_t recoverer_slot(uint32_t p) { return p >> 24; }
-constexpr uint32_t recoverer_epoch(uint32_t p) { return p & 0xffffffu; }
+constexpr uint32_t recoverer(uint32_t slot, uint32_t epoch) { return (slot << 16) | (epoch & 0xffffu); }
+constexpr uint32_t recoverer_slot(uint32_t p) { return p >> 16; }
+constexpr uint32_t recoverer_epoch(uint32_t p) { return p & 0xffffu; }
+
+// ---- pins (recovery.md, "Pins") ----
+// Descriptor pin word: count:16 | tag slot:16 | tag seq:32.  The tag names the
+// last pin or unpin that changed the count (member slot, that member's op
+// sequence number, never 0); seq 0 = no tag.
+constexpr uint64_t pins(uint32_t count, uint32_t slot, uint32_t seq) {
+  return (uint64_t(count & 0xffffu) << 48) | (uint64_t(slot & 0xffffu) << 32) | seq;
+}
+constexpr uint32_t pins_count(uint64_t p) { return uint32_t(p >> 48); }
+constexpr uint32_t pins_slot(uint64_t p) { return uint32_t((p >> 32) & 0xffffu); }
+constexpr uint32_t pins_seq(uint64_t p) { return uint32_t(p); }
+
+// Pin journal (MemberSlot::pin_op): seq:32 | op:2 | landed:1 | record position:29.
+// Written by the member (or its recoverer) before its count change; `landed` is
+// set by whoever replaces that change's tag in the descriptor.
+enum PinOp : uint64_t { kPinOpNone = 0, kPinOpPin = 1, kPinOpUnpin = 2 };
+inline constexpr uint64_t kJournalLanded = 1ull << 29;
+inline constexpr uint64_t kJournalPosMask = (1ull << 29) - 1;
+constexpr uint64_t journal(uint32_t seq, uint64_t op, uint64_t pos, bool landed = false) {
+  return (uint64_t(seq) << 32) | ((op & 3u) << 30) | (landed ? kJournalLanded : 0) | (pos & kJournalPosMask);
+}
+constexpr uint32_t journal_seq(uint64_t j) { return uint32_t(j >> 32); }
+constexpr uint64_t journal_op(uint64_t j) { return (j >> 30) & 3u; }
+constexpr bool journal_landed(uint64_t j) { return (j & kJournalLanded) != 0; }
+constexpr uint64_t journal_pos(uint64_t j) { return j & kJournalPosMask; }
+
+// Pin record: 0 = free, else live:1 | held:1 | 0:18 | slot:16 | block index:28.
+// held = counted in the block's pin count for certain; a record not held is the
+// one its member's journal names (counted iff that journal entry landed).
+inline constexpr uint64_t kRecLive = 1ull << 63;
+inline constexpr uint64_t kRecHeld = 1ull << 62;
+constexpr uint64_t pin_rec(uint32_t slot, uint64_t index, bool held) {
+  return kRecLive | (held ? kRecHeld : 0) | (uint64_t(slot & 0xffffu) << 28) | (index & kOwnerMask);
+}
+constexpr bool rec_live(uint64_t r) { return (r & kRecLive) != 0; }
+constexpr bool rec_held(uint64_t r) { return (r & kRecHeld) != 0; }
+constexpr uint32_t rec_slot(uint64_t r) { return uint32_t((r >> 28) & 0xffffu); }
+constexpr uint64_t rec_index(uint64_t r) { return r & kOwnerMask; }
+constexpr bool rec_valid(uint64_t r) { return r == 0 || (rec_live(r) && ((r >> 44) & 0x3ffffu) == 0); }
 
 // ---- keys: hashing a 16-byte key into a table position and a fingerprint ----
 constexpr uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
