@@ -34,7 +34,7 @@ size_t Pool::pin_victims(size_t n, uint64_t* handles, uint8_t* keys) {
     // CLOCK evicts a sealed block whose reference bit is clear and that nobody pins.
     if (word::kind(s) != kSealed || word::ref(s)) continue;
     BlockDesc& d = desc(i);
-    if (d.pin_mask[0].load(std::memory_order_relaxed) | d.pin_mask[1].load(std::memory_order_relaxed)) continue;
+    if (word::pins_count(d.pins.load(std::memory_order_relaxed))) continue;
     if (withdrawn(i, s)) continue;
     // Seqlock-style read of the key, as lookup() does: valid only if the state did not move.
     const uint64_t k0 = d.key[0].load(std::memory_order_relaxed);
