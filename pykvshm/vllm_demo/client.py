@@ -35,7 +35,7 @@ def run_vllm_bench(argv: list[str]) -> dict[str, Any]:
 
     parser = FlexibleArgumentParser(description="vllm bench serve")
     add_cli_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([*argv, "--save-detailed"])  # keeps the per-request lists in main's result
     r = main(args)
     return {
         "duration": r["duration"], "prompt_len": r["input_lens"], "ttft": r["ttfts"], "itl": r["itls"],

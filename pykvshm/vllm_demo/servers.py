@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +28,22 @@ from ..integrations.vllm_env import kill_group, remove_leaked_segments, shm_segm
 
 class ServerError(RuntimeError):
     pass
+
+
+_ROOT_CAUSE = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$")
+
+
+def root_cause(text: str) -> str:
+    """The first ``SomeError: message`` in a log that is not a warning nor vLLM's generic wrapper (the root
+    cause, printed before its wrappers), or ''."""
+    for line in text.splitlines():
+        m = _ROOT_CAUSE.search(line)
+        if m and "WARNING" not in line and "Engine core initialization failed" not in line:
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return ""
+
+
+DEGRADED = "System will operate in degraded mode"  # LMCache when its engine cannot start: it recomputes
 
 
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:prefix_cache_hits_total",
@@ -103,8 +120,16 @@ def wait_healthy(servers: list[Server], timeout: float) -> None:
     while pending:
         for s in list(pending):
             if not s.alive():
-                raise ServerError(f"server {s.name} exited while starting; end of {s.log_path}:\n{s.log_tail()}")
+                with open(s.log_path, errors="replace") as f:
+                    cause = root_cause(f.read())
+                raise ServerError(f"server {s.name} exited while starting: {cause or 'see its log'}; "
+                                  f"end of {s.log_path}:\n{s.log_tail()}")
             if s.healthy():
+                with open(s.log_path, errors="replace") as f:
+                    text = f.read()
+                if DEGRADED in text:  # up, but its cache is off: not the alternative it was meant to be
+                    raise ServerError(f"server {s.name} started with its KV connector disabled "
+                                      f"({root_cause(text)}; {DEGRADED.lower()})")
                 s.start_s = time.monotonic() - s.started
                 pending.remove(s)
         if pending and time.monotonic() > deadline:
@@ -236,7 +261,8 @@ def run_client(python: str, config: dict[str, Any], work: str, log_name: str, ti
                            cwd=work, timeout=timeout)
     if r.returncode != 0 or not os.path.exists(out):
         with open(os.path.join(work, log_name + ".log"), errors="replace") as f:
-            raise ServerError(f"benchmark client failed (rc {r.returncode}):\n{f.read()[-3000:]}")
+            text = f.read()
+        raise ServerError(f"benchmark client failed (rc {r.returncode}): {root_cause(text)}\n{text[-3000:]}")
     with open(out) as f:
         return dict(json.load(f))
 

@@ -113,6 +113,9 @@ def run_alternative(alt: str, args: argparse.Namespace, python: str, model: str,
     router: Router | None = None
     env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "VLLM_LOGGING_LEVEL": "WARNING",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
+    if alt == "lmcache":  # LMCache's local CPU backend, sized like the pool
+        env.update({"LMCACHE_LOCAL_CPU": "True", "LMCACHE_CHUNK_SIZE": str(8 * args.block_tokens),
+                    "LMCACHE_MAX_LOCAL_CPU_SIZE": str(max(1, args.capacity_bytes >> 30))})
     t = time.monotonic()
     try:
         for i, cores in enumerate(_cores(args.instances)):
@@ -265,9 +268,8 @@ def main(args: argparse.Namespace, python: str) -> int:
                 reports.append(rep)
             except (ServerError, OSError, subprocess.SubprocessError) as e:
                 msg = str(e)
-                print(f"  {alt:10s} FAILED: {msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__}",
-                      flush=True)
-                reports.append({"alternative": alt, "error": msg})
+                print(f"  {alt:10s} FAILED: {msg.splitlines()[0] if msg else type(e).__name__}", flush=True)
+                reports.append({"alternative": alt, "error": msg, "reason": msg.splitlines()[0] if msg else ""})
             finally:
                 if pool is not None:
                     pool.close()
@@ -299,7 +301,7 @@ def main(args: argparse.Namespace, python: str) -> int:
           "load avg = 1/5/15-min load after the run")
     for r in reports:
         if r["error"]:
-            print(f"  {r['alternative']}: could not run: {r['error'].strip()[-600:]}")
+            print(f"  {r['alternative']}: could not run: {r['reason']}")
     s_by = {s["alternative"]: s for s in summaries}
     if "pool" in s_by:
         for name, s in s_by.items():
@@ -313,7 +315,8 @@ def main(args: argparse.Namespace, python: str) -> int:
     print("every output identical to the recompute run: " + ("yes" if ok else "NO"))
     report = {"engine": "vllm", "vllm": args.engine_version, "workload": w,
               "args": {k: v for k, v in vars(args).items() if k != "fn"}, "summaries": summaries,
-              "failed": {r["alternative"]: r["error"] for r in reports if r["error"]},
+              "failed": {r["alternative"]: r["reason"] for r in reports if r["error"]},
+              "failed_logs": {r["alternative"]: r["error"] for r in reports if r["error"]},
               "runs": ran, "ok": ok}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
