@@ -41,6 +41,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "index_full": ("pykvshm_index_full", "Keys not stored because their index neighbourhood was full"),
     "checksum_errors": ("pykvshm_checksum_errors", "Blocks whose bytes did not match their checksum on acquire"),
     "recovered_members": ("pykvshm_members_recovered", "Member slots recovered after their process died"),
+    "pins_refused": ("pykvshm_pins_refused", "Pins refused for want of a free pin record (seen as misses)"),
 }
 
 BLOCK_STATES = ("free", "writing", "sealed", "evicting")

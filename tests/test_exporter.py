@@ -33,6 +33,7 @@ STATS_TO_METRIC = {
     "bytes_in": "pykvshm_bytes_in", "bytes_out": "pykvshm_bytes_out", "published": "pykvshm_blocks_published",
     "duplicates": "pykvshm_publish_duplicates", "allocs": "pykvshm_block_allocs", "index_full": "pykvshm_index_full",
     "checksum_errors": "pykvshm_checksum_errors", "recovered_members": "pykvshm_members_recovered",
+    "pins_refused": "pykvshm_pins_refused",
 }
 
 
