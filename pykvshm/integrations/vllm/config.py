@@ -32,7 +32,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "stats_file": None,           # append one JSON line of worker load/save timings per step
     "layerwise_loads": True,      # queue loads per layer; wait_for_layer_load waits for one layer only
     "save_generated": True,       # also save blocks that fill up during decode (multi-turn hits)
-    "async_load_bytes": 64 << 20,  # loads of at least this many bytes (per rank) go asynchronous; None: never
+    "async_load_bytes": 67108864,  # 64 MiB: loads at least this large (per rank) go asynchronous; None: never
     "tier": None,                 # cluster tier URL (mooncake://MASTER:PORT?metadata=...): pykvshm.tier
     "tier_wait": 0.0,             # seconds a request may be held back while the tier promotes its miss
 }
