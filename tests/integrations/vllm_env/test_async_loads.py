@@ -113,8 +113,6 @@ def test_async_load_under_an_eviction_race_is_recomputed(model_dir, pool_name):
 
 
 def test_request_aborted_during_its_load_keeps_its_blocks_until_the_load_ends(model_dir, pool_name):
-    from vllm.v1.request import RequestStatus as S
-
     extra = {"pool": pool_name, "capacity": "64MiB", "async_load_bytes": 0}
     produce(model_dir, extra, {"a": tokens(100)})
     cfg = H.vllm_config(model_dir, extra, role="kv_consumer")
@@ -123,23 +121,14 @@ def test_request_aborted_during_its_load_keeps_its_blocks_until_the_load_ends(mo
     sched.add_request(H.request("b", tokens(100)))
     so = sched.schedule()
     assert so.kv_connector_metadata.async_loads
-    sched.finish_requests("b", S.FINISHED_ABORTED)
+    sched.finish_requests("b", RequestStatus.FINISHED_ABORTED)
     # The load is still to copy into b's blocks: vLLM must not hand them to anyone yet, and gets
     # them back only when the worker reports the aborted request's load finished.
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() < free_before
     worker.run_step(so.kv_connector_metadata)
+    sched.update_from_output(so, H.model_output(so, sched, finished_recving=worker.finished))
     if "b" not in worker.finished:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            s = sched.schedule()
-            worker.run_step(s.kv_connector_metadata)
-            sched.update_from_output(s, H.model_output(s, sched, finished_recving=worker.finished))
-            if "b" in worker.finished:
-                break
-            time.sleep(0.002)
-        assert "b" in worker.finished
-    else:
-        sched.update_from_output(so, H.model_output(so, sched, finished_recving=worker.finished))
+        until_loaded(sched, worker, "b")
     assert "b" not in sched.requests
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
     with pykvshm.Pool.open(pool_name) as pool:
