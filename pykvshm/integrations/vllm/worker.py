@@ -151,7 +151,7 @@ class WorkerSide:
         if len(names) != self.cfg.spec.num_layers:
             raise GeometryMismatchError(
                 f"vLLM registered {len(names)} KV cache layers, the pool geometry has {self.cfg.spec.num_layers}")
-        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        layer_bytes = self._layer_bytes
         tensors = [kv_caches[n] for n in names]
         first = tensors[0]
         dims = [d for d in range(min(2, first.dim())) if first.shape[d] == num_blocks]
@@ -189,13 +189,18 @@ class WorkerSide:
             self._use_paged_gather()
             self._load_stream = torch.cuda.Stream(device=first.device)
 
+    @property
+    def _layer_bytes(self) -> int:
+        """One layer's slot in a pool block: the bytes of one engine block of one layer."""
+        return self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+
     def _use_paged_gather(self) -> None:
         """Move blocks by row gathers on the KV cache's device (the CUDA path); tests call it
         directly to run that path over CPU tensors."""
         from ... import _torch
 
         core = self.pool._live()
-        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        layer_bytes = self._layer_bytes
         pool_t = _torch.pool_tensor(int(core.address), int(core.total_bytes), self._layers[0].device)
         self._gather = _torch.PagedGather(pool_t, int(core.address), layer_bytes, self._chunks)
         self._batched = False
@@ -259,7 +264,7 @@ class WorkerSide:
             finally:
                 lease.release()
             return n, None
-        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        layer_bytes = self._layer_bytes
         j, slot_off, kv_off, size = self._spans(tr.block_ids[:n])
         futures = []
         try:
@@ -304,7 +309,7 @@ class WorkerSide:
         """CUDA (or non-contiguous) KV caches: one DMA per block and layer from the registered pool."""
         import torch
 
-        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        layer_bytes = self._layer_bytes
         cuda = self._layers[0].device.type == "cuda"
         srcs = [host_block_tensor(v) for v in lease.views()]  # read-only: we only read them
         try:
@@ -378,7 +383,7 @@ class WorkerSide:
             raise GeometryMismatchError(f"save_kv_layer for unregistered layer {layer_name!r}")
         if self._saves is None:
             self._saves = self._open_writers(meta)
-        layer_bytes = self.cfg.spec.block_bytes // self.cfg.spec.num_layers
+        layer_bytes = self._layer_bytes
         lo, hi = layer * layer_bytes, (layer + 1) * layer_bytes
         cuda = kv_layer.device.type == "cuda"
         for s in self._saves:
