@@ -42,6 +42,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "checksum_errors": ("pykvshm_checksum_errors", "Blocks whose bytes did not match their checksum on acquire"),
     "recovered_members": ("pykvshm_members_recovered", "Member slots recovered after their process died"),
     "pins_refused": ("pykvshm_pins_refused", "Pins refused for want of a free pin record (seen as misses)"),
+    "lock_waits": ("pykvshm_lock_waits", "Noncoherent lock acquisitions (pool-wide or one shard) that found the lock held"),
+    "tier_demoted": ("pykvshm_tier_demoted_blocks", "Blocks the cluster tier stored in its store (demotions)"),
+    "tier_promoted": ("pykvshm_tier_promoted_blocks", "Blocks the cluster tier promoted from its store into the pool"),
+    "tier_integrity_failures": ("pykvshm_tier_integrity_failures",
+                                "Blocks fetched from the cluster tier's store and refused (key, geometry or checksum)"),
 }
 
 BLOCK_STATES = ("free", "writing", "sealed", "evicting")

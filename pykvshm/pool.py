@@ -215,6 +215,7 @@ class Pool:
         copy_threads: int = 1,
         copy_kernel: str = "auto",
         max_members: int = DEFAULT_MAX_MEMBERS,
+        lock_shards: int | None = None,
     ) -> "Pool":
         """Create a pool of ``capacity`` bytes holding blocks of ``spec`` and attach to it.
 
@@ -238,6 +239,11 @@ class Pool:
         size of the member table (default 4,096; 2 to 65,535): one slot per attached
         handle, one kept spare, so ``max_members - 1`` handles can be attached at once
         (each takes 256 bytes of the pool, plus 16 bytes of pin records).
+        ``lock_shards`` (noncoherent pools) splits the pool lock into that many
+        block-range locks plus one for the index, so that hosts allocating, publishing and
+        acquiring in different shards do not wait for each other: a power of two up to 8 (fewer in small pools: each shard
+        needs 64 blocks), 1 for one pool-wide lock, ``None`` for the default (up to 8;
+        docs/design/coherence.md, "Lock shards").
         """
         members = _int_option("max_members", max_members, MIN_MEMBERS, MAX_MEMBERS_LIMIT,
                               f"an int between {MIN_MEMBERS} and {MAX_MEMBERS_LIMIT} (member slots)")
@@ -247,6 +253,16 @@ class Pool:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
         node, host = _placement_options(numa_node, host_id)
         cap = parse_size(capacity)
+        if lock_shards is None:
+            shards = 0
+        elif isinstance(lock_shards, bool) or not isinstance(lock_shards, int) or not 1 <= lock_shards <= 8:
+            raise ValueError(f"lock_shards must be None or a power of two from 1 to 8, got {lock_shards!r}")
+        elif lock_shards & (lock_shards - 1):
+            raise ValueError(f"lock_shards must be a power of two, got {lock_shards}")
+        elif coherence != "noncoherent" and lock_shards != 1:
+            raise ValueError("lock_shards applies to noncoherent pools only (a coherent pool has no lock)")
+        else:
+            shards = lock_shards
         if cap > _MAX_CAPACITY:
             raise ValueError(f"capacity {cap} bytes is larger than a pool can be (at most 2**62 bytes)")
 
@@ -257,6 +273,7 @@ class Pool:
                 huge_pages=huge, numa_node=node, coherence=_COHERENCE[coherence], checksums=bool(checksums),
                 host_id=host, lease_s=_lease_option(lease), **_engine_options(copy_threads, copy_kernel),
                 max_members=members,
+                lock_shards=shards,
             )
 
         core, refusal = _with_huge_pages(huge_pages, make)
@@ -476,6 +493,11 @@ class Pool:
     @property
     def coherence(self) -> str:
         return _COHERENCE_NAMES[int(self._core.coherence)]
+
+    @property
+    def lock_shards(self) -> int:
+        """Lock shards of a noncoherent pool (1: one pool-wide lock; always 1 when coherent)."""
+        return int(self._core.lock_shards)
 
     @property
     def checksums(self) -> bool:

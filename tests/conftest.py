@@ -9,6 +9,7 @@ import pytest
 
 import pykvshm
 from pykvshm.testing import unique_name
+from pykvshm.testing.mooncake import MooncakeCluster, require_mooncake
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,15 +23,33 @@ def _outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     os.chdir(old)
 
 
-@pytest.fixture
-def pool_name() -> Iterator[str]:
-    """A POSIX shm pool name no other test uses; the pool is destroyed afterwards."""
-    name = unique_name()
+def _destroyed_after(name: str) -> Iterator[str]:
     yield name
     try:
         pykvshm.Pool.destroy(name)
     except pykvshm.errors.PoolNotFoundError:
         pass
+
+
+@pytest.fixture
+def pool_name() -> Iterator[str]:
+    """A POSIX shm pool name no other test uses; the pool is destroyed afterwards."""
+    yield from _destroyed_after(unique_name())
+
+
+@pytest.fixture
+def pool_name_b() -> Iterator[str]:
+    """A second unique pool name (another rack's pool), destroyed afterwards."""
+    yield from _destroyed_after(unique_name("b"))
+
+
+@pytest.fixture
+def mooncake_store(tmp_path) -> Iterator[MooncakeCluster]:
+    """A Mooncake Store of the test's own on loopback (master with its HTTP metadata service, one
+    storage process); skips without Mooncake, fails instead under PYKVSHM_REQUIRE_TIER=1."""
+    require_mooncake()
+    with MooncakeCluster(tmp_path / "mooncake") as mc:
+        yield mc
 
 
 @pytest.fixture

@@ -175,17 +175,18 @@ def test_newer_layout_version_is_refused(pool_file: str) -> None:
                     f"layout version {LAYOUT['layout_version']}", "recreate")
 
 
-def test_layout_version_2_pool_is_refused(pool_file: str) -> None:
-    # A pool made by the previous release (128-bit pin masks, a fixed 128-slot member table)
-    # must not be attached: its pins and member table would be misread.
-    assert LAYOUT["layout_version"] == 3
+@pytest.mark.parametrize("old", [2, 3])
+def test_pool_of_an_earlier_layout_version_is_refused(pool_file: str, old: int) -> None:
+    # Pools made by earlier releases must not be attached: version 2 has 128-bit pin masks and a
+    # fixed 128-slot member table, version 3 no lock shard table (every region sits 36 KiB lower).
+    assert LAYOUT["layout_version"] == 4
 
     def edit(buf: bytearray) -> None:
-        struct.pack_into("<I", buf, VERSION_AT, 2)
+        struct.pack_into("<I", buf, VERSION_AT, old)
         fix_checksum(buf)
 
     patch(pool_file, edit)
-    assert_rejected(pool_file, E.LayoutMismatchError, "layout version 2", "layout version 3", "recreate")
+    assert_rejected(pool_file, E.LayoutMismatchError, f"layout version {old}", "layout version 4", "recreate")
 
 
 class _CreatorAtWork:

@@ -12,6 +12,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,9 @@ STATS_TO_METRIC = {
     "bytes_in": "pykvshm_bytes_in", "bytes_out": "pykvshm_bytes_out", "published": "pykvshm_blocks_published",
     "duplicates": "pykvshm_publish_duplicates", "allocs": "pykvshm_block_allocs", "index_full": "pykvshm_index_full",
     "checksum_errors": "pykvshm_checksum_errors", "recovered_members": "pykvshm_members_recovered",
-    "pins_refused": "pykvshm_pins_refused",
+    "pins_refused": "pykvshm_pins_refused", "lock_waits": "pykvshm_lock_waits",
+    "tier_demoted": "pykvshm_tier_demoted_blocks", "tier_promoted": "pykvshm_tier_promoted_blocks",
+    "tier_integrity_failures": "pykvshm_tier_integrity_failures",
 }
 
 
@@ -130,6 +134,43 @@ def test_scrape_matches_pool_stats_as_traffic_moves(pool_name: str, spec: pykvsh
         expect_matches_stats(e.scrape(), pool)
     finally:
         pool.close()
+
+
+def _hold_the_lock(name: str, ready) -> None:
+    pool = pykvshm.Pool.open(name)
+    pool._core.debug_hold_lock()  # every lock of the pool, until this process dies
+    ready.send(True)
+    time.sleep(60)
+    os._exit(0)
+
+
+def test_lock_waits_of_a_noncoherent_pool_are_scraped(pool_name: str, spec: pykvshm.KVSpec, exporter_of) -> None:
+    """A member that found the noncoherent lock held counts a wait in the pool, where a read-only
+    attach (the exporter) sees it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with pykvshm.Pool.create(pool_name, spec=spec, capacity="4MiB", coherence="noncoherent") as pool:
+        pool.alloc(1)
+        assert pool.stats()["lock_waits"] == 0  # nobody else: never waited
+        a, b = ctx.Pipe()
+        holder = ctx.Process(target=_hold_the_lock, args=(pool_name, b))
+        holder.start()
+        try:
+            assert a.poll(60) and a.recv()
+            got: list[int] = []
+            t = threading.Thread(target=lambda: got.append(len(pool.alloc(2))), daemon=True)
+            t.start()
+            t.join(0.5)
+            assert not got, "alloc went through a lock another process holds"
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)  # the next process of this host takes the lock over
+            holder.join(30)
+        t.join(30)
+        assert got == [2]
+        waits = pool.stats()["lock_waits"]
+        assert waits >= 1
+        expect_matches_stats(exporter_of(pool_name).scrape(), pool)
 
 
 def test_members_dead_and_recovered(pool_name: str, spec: pykvshm.KVSpec, exporter_of) -> None:

@@ -7,7 +7,7 @@ from pykvshm import _core
 BUMP = "on-media layout changed: bump layout::kLayoutVersion and update docs/design/layout.md"
 
 EXPECTED = {
-    "layout_version": 3,
+    "layout_version": 4,
     "page_bytes": 4096,
     "data_align": 2 << 20,
     "block_align": 64,
@@ -24,6 +24,8 @@ EXPECTED = {
     "sizeof_geometry": 40,
     "sizeof_channel": 128,
     "sizeof_host_line": 128,
+    "sizeof_shard_lock": 2304,
+    "max_lock_shards": 16,
     "lock_hosts": 16,
     "transfer_channels": 128,
     "transfer_max_blocks_cap": 4096,
@@ -45,7 +47,8 @@ EXPECTED_OFFSETS = {
     "superblock.index_probe_limit": 120,
     "superblock.transfer_max_blocks": 124,
     "superblock.regions": 128,
-    "superblock.reserved": 256,
+    "superblock.lock_shards": 256,
+    "superblock.reserved": 264,
     "superblock.checksum": 504,
     "geometry.block_bytes": 24,
     "geometry.block_stride": 32,
@@ -119,12 +122,12 @@ def test_region_plan_pinned(pool_name: str) -> None:
     # 65536 pin records) takes the first 4 MiB (data is 2 MiB aligned); data fills the rest.
     assert nblocks == 8192, BUMP
     assert list(zip(regions, sizes)) == [
-        (4096, 4096),          # control
-        (8192, 1048576),       # members: 4096 x 256
-        (1056768, 65536),      # states: 8192 x 8
-        (1122304, 524288),     # descriptors: 8192 x 64
-        (1646592, 131072),     # index: 16384 x 8
-        (1777664, 540672),     # transfer: 128 x (128 + 512 x 8)
+        (4096, 4096 + 36864),  # control, then the lock shard table: 16 x 2304
+        (45056, 1048576),       # members: 4096 x 256
+        (1093632, 65536),      # states: 8192 x 8
+        (1159168, 524288),     # descriptors: 8192 x 64
+        (1683456, 131072),     # index: 16384 x 8
+        (1814528, 540672),     # transfer: 128 x (128 + 512 x 8)
         (4194304, 8192 * 512),  # data
-        (2318336, 524288),     # pin records: 65536 x 8 (8 per block), after the transfer channels
+        (2355200, 524288),     # pin records: 65536 x 8 (8 per block), after the transfer channels
     ], BUMP

@@ -95,7 +95,12 @@ def test_concurrent_alloc_free_never_double_hands(pool_name: str, coherence: str
             p.join(60)
             assert p.exitcode == 0, f"worker exited with {p.exitcode}"
         assert errors.value == 0
-        assert ops.value > 10_000  # they really contended
+        # They really overlapped: work from all four in the same 3 s (a count, not a speed; the
+        # machine may be loaded), and in a noncoherent pool lock acquisitions that found another
+        # worker holding the lock.
+        assert ops.value > 1_000
+        if coherence == "noncoherent":
+            assert pool.stats()["lock_waits"] > 0
         pool.check()
         s = pool.stats()
         assert s["free"] == s["total"] == n and s["writing"] == 0 and s["members"] == 1

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pykvshm.vllm_demo.servers import Router, parse_counters, root_cause
+from pykvshm.vllm_demo.servers import Router, parse_counters, root_cause, shm_race
 
 
 class Backend:
@@ -159,6 +159,38 @@ def test_root_cause_skips_warnings_and_vllms_wrapper() -> None:
     assert root_cause("nothing wrong here\n") == ""
 
 
+_SPAWN_AFTER_UNLINK = """
+import multiprocessing as mp, os
+
+def use(lock):
+    with lock:
+        pass
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    lock = ctx.Lock()
+    os.unlink("/dev/shm/sem." + lock._semlock.name.lstrip("/"))  # as another session's clean-up did
+    p = ctx.Process(target=use, args=(lock,))
+    p.start()
+    p.join()
+    open("/no/such/model/config.json")  # the error a broken alternative itself would raise
+"""
+
+
+def test_a_server_killed_by_another_sessions_shm_clean_up_is_told_apart(tmp_path) -> None:
+    """The real traceback of a spawned child whose semaphore was unlinked before it opened it (how
+    `offload` and `lmcache` once failed) is recognised, so the demo restarts that alternative and
+    records its own error; an alternative's own FileNotFoundError is not mistaken for it."""
+    script = tmp_path / "race.py"
+    script.write_text(_SPAWN_AFTER_UNLINK)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "SemLock._rebuild" in r.stderr and r.returncode != 0
+    assert shm_race(r.stderr)
+    own = [t for t in r.stderr.split("Traceback") if "config.json" in t]  # the parent's own error only
+    assert len(own) == 1 and not shm_race(own[0])
+    assert not shm_race("FileNotFoundError: [Errno 2] No such file or directory: 'model/config.json'\n")
+
+
 def test_offline_tokenizer_round_trips_and_keeps_history_a_prefix(tmp_path) -> None:
     pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
@@ -182,3 +214,20 @@ def test_workloads_without_a_vllm_environment_say_so(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "pykvshm", "demo", "--workload", "rag", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1 and "--workload rag: error" in r.stderr and "setup_vllm_env.sh" in r.stderr
+
+
+def test_rag_refuses_a_server_cache_that_cannot_hold_one_request(tmp_path, capsys) -> None:
+    """vLLM would refuse to start (it keeps one block back); the demo says what to give instead."""
+    import argparse
+
+    from pykvshm.vllm_demo.command import add_arguments
+    from pykvshm.vllm_demo.workloads import main
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--workload", "rag", "--kv-blocks", "64", "--out", str(tmp_path / "o")])
+    args.engine_version = "test"
+    assert main(args, sys.executable) == 2
+    out = capsys.readouterr().out
+    assert "--kv-blocks 64 cannot hold one 2048-token request" in out and "at least 65" in out
+    assert not (tmp_path / "o").exists()  # refused before writing anything

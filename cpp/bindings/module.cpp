@@ -52,6 +52,8 @@ py::dict layout_info() {
   d["sizeof_geometry"] = sizeof(Geometry);
   d["sizeof_channel"] = sizeof(Channel);
   d["sizeof_host_line"] = sizeof(HostLine);
+  d["sizeof_shard_lock"] = sizeof(ShardLock);
+  d["max_lock_shards"] = kMaxLockShards;
   d["lock_hosts"] = kLockHosts;
   d["transfer_channels"] = kTransferChannels;
   d["transfer_max_blocks_cap"] = kTransferMaxBlocksCap;
@@ -65,6 +67,7 @@ py::dict layout_info() {
   off["superblock.coherence"] = offsetof(Superblock, coherence);
   off["superblock.flags"] = offsetof(Superblock, flags);
   off["superblock.max_members"] = offsetof(Superblock, max_members);
+  off["superblock.lock_shards"] = offsetof(Superblock, lock_shards);
   off["superblock.geometry"] = offsetof(Superblock, geometry);
   off["superblock.num_blocks"] = offsetof(Superblock, num_blocks);
   off["superblock.index_slots"] = offsetof(Superblock, index_slots);

@@ -93,7 +93,8 @@ py::dict stats_dict(const Stats& s) {
   d["members"] = s.members;
   const char* names[layout::kCounterCount] = {"hits", "misses", "evictions", "bytes_in", "bytes_out", "published",
                                               "duplicates", "recovered_members", "index_full", "checksum_errors",
-                                              "allocs", "pins_refused", "", "", "", ""};
+                                              "allocs", "pins_refused", "lock_waits", "tier_demoted",
+                                              "tier_promoted", "tier_integrity_failures"};
   for (uint32_t c = 0; c < layout::kCounterCount; ++c)
     if (names[c][0]) d[names[c]] = s.counters[c];
   return d;
@@ -169,7 +170,7 @@ void register_pool(py::module_& m) {
           [](const std::string& name, uint32_t layers, uint32_t heads, uint32_t head_dim, uint32_t block_tokens,
              uint32_t dtype_code, uint32_t dtype_size, uint64_t capacity, uint32_t mode, bool prefault, bool huge_pages,
              int numa_node, uint32_t coherence, bool checksums, uint64_t host_id, double lease_s, unsigned copy_threads,
-             uint32_t copy_kernel, int64_t max_members) {
+             uint32_t copy_kernel, int64_t max_members, uint32_t lock_shards) {
             GeometryIn g{layers, heads, head_dim, block_tokens, dtype_code, dtype_size};
             auto o = options(prefault, huge_pages, numa_node, mode, coherence, checksums, host_id, lease_s, copy_threads,
                              copy_kernel);
@@ -178,6 +179,7 @@ void register_pool(py::module_& m) {
                                     " and " + std::to_string(layout::kMaxMembersLimit) + " (member slots; one is kept "
                                     "spare), not " + std::to_string(max_members));
             o.max_members = uint32_t(max_members);
+            o.lock_shards = lock_shards;
             py::gil_scoped_release rel;
             return Pool::create(name, g, capacity, o);
           },
@@ -186,7 +188,7 @@ void register_pool(py::module_& m) {
           py::arg("prefault") = false, py::arg("huge_pages") = false, py::arg("numa_node") = -1,
           py::arg("coherence") = 0, py::arg("checksums") = false, py::arg("host_id") = 0, py::arg("lease_s") = 10.0,
           py::arg("copy_threads") = 1, py::arg("copy_kernel") = 0,
-          py::arg("max_members") = int64_t(layout::kDefaultMaxMembers))
+          py::arg("max_members") = int64_t(layout::kDefaultMaxMembers), py::arg("lock_shards") = 0)
       .def_static(
           "open",
           [](const std::string& name, bool prefault, bool huge_pages, int numa_node, uint64_t host_id, double lease_s,
@@ -245,6 +247,17 @@ void register_pool(py::module_& m) {
              d["other"] = c.other;
              return d;
            })
+      .def(
+          "add_tier_counts",
+          [](Pool& p, uint64_t demoted, uint64_t promoted, uint64_t integrity_failures) {
+            Pool::Call call(p);
+            if (p.read_only()) throw py::value_error("add_tier_counts: a read-only handle has no counters of its own");
+            p.add_counter(layout::kCtrTierDemoted, demoted);
+            p.add_counter(layout::kCtrTierPromoted, promoted);
+            p.add_counter(layout::kCtrTierIntegrity, integrity_failures);
+          },
+          py::arg("demoted"), py::arg("promoted"), py::arg("integrity_failures"),
+          "Add the cluster tier's block counts to this member's counters (pykvshm.tier calls it).")
       .def("lock_stats",
            [](const Pool& p) {
              Pool::Call call(p);
@@ -254,6 +267,10 @@ void register_pool(py::module_& m) {
              d["takeovers"] = st.takeovers;
              d["hosts_skipped"] = st.hosts_skipped;
              d["host_line"] = st.host_line;
+             d["lock_shards"] = st.lock_shards;
+             d["shard_acquisitions"] = st.shard_acquisitions;
+             d["shard_takeovers"] = st.shard_takeovers;
+             d["unguarded_writes"] = st.unguarded_writes;
              return d;
            })
       .def_property_readonly("closed", &Pool::closed)
@@ -294,6 +311,7 @@ void register_pool(py::module_& m) {
       .def_property_readonly("data_offset", &Pool::data_offset)
       .def_property_readonly("path", &Pool::path)
       .def_property_readonly("coherence", [](const Pool& p) { return uint32_t(p.coherence()); })
+      .def_property_readonly("lock_shards", [](const Pool& p) { return p.lock_shards(); })
       .def_property_readonly("block_checksums", &Pool::block_checksums)
       .def_property_readonly("max_members", &Pool::max_members)
       .def_property_readonly("member_slot", &Pool::member_slot)

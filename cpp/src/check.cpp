@@ -83,7 +83,6 @@ void Pool::check(bool strict, bool checksums) const {
     uint64_t k0, k1, block;
   };
   std::vector<KeyRef> sealed_keys;
-  const uint64_t mask = nslots_ - 1;
   for (uint64_t pos = 0; pos < nslots_; ++pos) {
     uint64_t e = entry(pos).load(std::memory_order_acquire);
     if (!word::entry_live(e)) {
@@ -103,7 +102,7 @@ void Pool::check(bool strict, bool checksums) const {
     uint64_t k1 = desc(i).key[1].load(std::memory_order_relaxed);
     uint64_t h = word::key_hash(k0, k1);
     if (word::key_fp(h) != word::entry_fp(e)) fail(at + " has a fingerprint that does not match block " + std::to_string(i) + "'s key");
-    if (((pos - h) & mask) >= kIndexProbeLimit) fail(at + " is outside the probe window of its key");
+    if (shards_.dist(shards_.home(h), pos) >= kIndexProbeLimit) fail(at + " is outside the probe window of its key");
     if (entries[i] < 255) ++entries[i];
     if (word::kind(s) == kSealed && !withdrawn(i, s)) sealed_keys.push_back({k0, k1, i});
   }

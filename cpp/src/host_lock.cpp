@@ -52,6 +52,7 @@ bool stale_by(uint64_t stamp, uint64_t now, uint64_t lease) noexcept {
 
 void HostLock::init(Control* ctl, uint64_t host_id, uint64_t lease_ns, uint32_t pid) {
   ctl_ = ctl;
+  lines_ = ctl->hosts;
   host_id_ = host_id;
   lease_ns_ = lease_ns;
   pid_ = pid;
@@ -59,6 +60,17 @@ void HostLock::init(Control* ctl, uint64_t host_id, uint64_t lease_ns, uint32_t 
   uint32_t t = 0;
   while (t == 0) t = rd();
   token_ = (uint64_t(pid) << 32) | t;
+}
+
+void HostLock::init_shard(HostLock* identity, HostLine* lines) {
+  ctl_ = identity->ctl_;
+  lines_ = lines;
+  identity_ = identity;
+  host_id_ = identity->host_id_;
+  lease_ns_ = identity->lease_ns_;
+  pid_ = identity->pid_;
+  token_ = identity->token_;  // one holder identity per handle: the same pid and random token
+  identity->add_shard_lines(lines);
 }
 
 uint32_t HostLock::lines_used() const noexcept {
@@ -111,10 +123,17 @@ void HostLock::pause(uint32_t& spins) noexcept {
   } else {
     std::this_thread::sleep_for(std::chrono::microseconds(spins < 1024 ? 10 : 50));
   }
-  if ((spins & 63) == 0) beat();  // a waiter must not look dead to other hosts
+  if ((spins & 63) == 0) {
+    beat();  // a waiter must not look dead to other hosts
+    if (keep_alive_) keep_alive_();
+  }
 }
 
 void HostLock::beat() noexcept {
+  if (identity_) {
+    identity_->beat();
+    return;
+  }
   const uint32_t me = line();
   if (me >= kLockHosts) return;
   const uint64_t now = realtime_ns();
@@ -136,6 +155,10 @@ bool HostLock::host_beating(uint64_t host_id) const noexcept {
 }
 
 void HostLock::join() {
+  if (identity_) {
+    identity_->join();
+    return;
+  }
   JoinLine& jl = ctl_->join;
   for (uint32_t spins = 0;;) {
     // Already ours (another process of this host joined before)?
@@ -186,6 +209,16 @@ void HostLock::join() {
       l.hold_ns.store(0, std::memory_order_relaxed);
       l.hold_lease_ns.store(0, std::memory_order_relaxed);
       l.heartbeat_ns.store(t, std::memory_order_relaxed);
+      // The line's bakery words in every lock shard belong to the new host now.
+      for (uint32_t k = 0; k < nshard_lines_; ++k) {
+        HostLine& b = shard_lines_[k][pick];
+        b.ticket.store(0, std::memory_order_relaxed);
+        b.choosing.store(0, std::memory_order_relaxed);
+        b.local.store(0, std::memory_order_relaxed);
+        b.hold_ns.store(0, std::memory_order_relaxed);
+        b.hold_lease_ns.store(0, std::memory_order_relaxed);
+        publish(&b);
+      }
       l.host_id.store(host_id_, std::memory_order_release);
       publish(&l);
       if (jl.lines_used.load(std::memory_order_relaxed) < pick + 1) jl.lines_used.store(pick + 1, std::memory_order_seq_cst);
@@ -208,9 +241,10 @@ HostLock::Turn HostLock::wait_turn(uint32_t j, uint64_t mine) {
   for (uint32_t spins = 0;; pause(spins)) {
     // A waiter silent for half its lease may have been passed over: take a new ticket.
     if (!renew()) return Turn::kRestart;
-    HostLine& l = host(j);
-    fresh(&l);
-    if (l.host_id.load(std::memory_order_acquire) == 0) return Turn::kOurs;
+    fresh(&host(j));
+    if (host(j).host_id.load(std::memory_order_acquire) == 0) return Turn::kOurs;
+    HostLine& l = bak(j);
+    if (&l != &host(j)) fresh(&l);
     const uint32_t c = l.choosing.load(std::memory_order_seq_cst);
     const uint64_t t = l.ticket.load(std::memory_order_seq_cst);
     if (t == 0 && c == 0) return Turn::kOurs;
@@ -218,8 +252,8 @@ HostLock::Turn HostLock::wait_turn(uint32_t j, uint64_t mine) {
       ++skipped_;  // a dead, stopped or corrupt line: whatever it holds, it no longer competes
       return Turn::kOurs;
     }
-    if (c) continue;
-    if (t == 0 || t > mine || (t == mine && j > me)) return Turn::kOurs;
+    if (!c && (t == 0 || t > mine || (t == mine && j > me))) return Turn::kOurs;
+    waited_ = true;  // line j is choosing, or holds an earlier ticket
   }
 }
 
@@ -235,7 +269,7 @@ void HostLock::start_hold(HostLine& l) noexcept {
 bool HostLock::renew() noexcept {
   const uint32_t me = line();
   if (me >= kLockHosts) return false;
-  HostLine& l = host(me);
+  HostLine& l = bak(me);
   if (!ours(l)) return false;  // another process of this host took the lock over
   const uint64_t now = realtime_ns();
   if (now >= renewed_ns_ && now - renewed_ns_ > fence_ns()) return false;  // silent too long: maybe passed over
@@ -256,6 +290,7 @@ bool HostLock::take_local(HostLine& l) {
       continue;
     }
     if (cur == token_) return false;
+    waited_ = true;
     const uint64_t mono = monotonic_ns();
     if (cur != seen) {
       seen = cur;
@@ -267,7 +302,11 @@ bool HostLock::take_local(HostLine& l) {
     // (stopped, hung, or a corrupt word naming some live process).
     const uint64_t lease = effective_lease(l);
     const bool silent = mono - seen_since > lease && stale_by(l.hold_ns.load(std::memory_order_acquire), realtime_ns(), lease);
-    if ((silent || local_holder_dead(cur)) && l.local.cas(cur, token_, std::memory_order_acq_rel)) {
+    // A holder this handle already found silent for a lease (on another of its lock
+    // words, in this same acquisition) is not waited for again.
+    const bool known_silent = identity_ && cur == silent_token();
+    if ((silent || known_silent || local_holder_dead(cur)) && l.local.cas(cur, token_, std::memory_order_acq_rel)) {
+      if (silent && !identity_) silent_token_ = cur;
       ++takeovers_;
       return true;
     }
@@ -276,6 +315,7 @@ bool HostLock::take_local(HostLine& l) {
 
 bool HostLock::lock() {
   bool took_over = false;
+  waited_ = false;
   for (;;) {
     uint32_t me = line();
     // Our line may have been taken by another host if this host was silent past
@@ -284,7 +324,7 @@ bool HostLock::lock() {
       join();
       me = line();
     }
-    HostLine& l = host(me);
+    HostLine& l = bak(me);
     // Tier 1: one process of this host at a time.
     if (take_local(l)) took_over = true;
     start_hold(l);
@@ -300,9 +340,10 @@ bool HostLock::lock() {
       const uint64_t now = realtime_ns();
       for (uint32_t j = 0, used = lines_used(); j < used; ++j) {
         if (j == me) continue;
-        HostLine& o = host(j);
+        fresh(&host(j));
+        if (host(j).host_id.load(std::memory_order_acquire) == 0) continue;
+        HostLine& o = bak(j);
         fresh(&o);
-        if (o.host_id.load(std::memory_order_acquire) == 0) continue;
         const uint64_t t = o.ticket.load(std::memory_order_seq_cst);
         if (t != 0 && competing(o, now)) top = std::max(top, t);
       }
@@ -333,7 +374,7 @@ bool HostLock::lock() {
 void HostLock::unlock() noexcept {
   const uint32_t me = line();
   if (me >= kLockHosts) return;
-  HostLine& l = host(me);
+  HostLine& l = bak(me);
   if (!ours(l)) return;  // taken over meanwhile: the line is someone else's now
   l.ticket.store(0, std::memory_order_seq_cst);
   publish(&l);

@@ -2,7 +2,9 @@
 // 64-bit entries in the pool, with the 16-byte key itself kept in the block's
 // descriptor.  Publish, match, acquire (pin) and release.
 // docs/design/index.md has the state machine and its invariants.
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "pykvshm/crc32c.h"
@@ -25,9 +27,9 @@ inline void load_key(const uint8_t* keys, size_t i, uint64_t* k0, uint64_t* k1) 
 bool Pool::lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const {
   const uint64_t h = word::key_hash(k0, k1);
   const uint16_t fp = word::key_fp(h);
-  const uint64_t mask = nslots_ - 1;
+  const uint64_t home = shards_.home(h);
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
-    const uint64_t pos = (h + d) & mask;
+    const uint64_t pos = shards_.step(home, d);
     const uint64_t e = entry(pos).load(std::memory_order_seq_cst);
     if (e == kEntryEmpty) return false;
     if (!word::entry_live(e) || word::entry_fp(e) != fp) continue;
@@ -58,12 +60,12 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
   if (lookup(k0, k1, false, &f)) return Insert::kPresent;
   const uint64_t h = word::key_hash(k0, k1);
   const uint16_t fp = word::key_fp(h);
-  const uint64_t mask = nslots_ - 1;
+  const uint64_t home = shards_.home(h);
   const uint64_t mine = word::entry(fp, gen, index);
   uint64_t my_pos = 0;
   uint32_t my_dist = kIndexProbeLimit;
   for (uint32_t d = 0, retries = 0; d < kIndexProbeLimit; ++d) {
-    const uint64_t pos = (h + d) & mask;
+    const uint64_t pos = shards_.step(home, d);
     uint64_t e = entry(pos).load(std::memory_order_seq_cst);
     if (e == kEntryClearing) {
       // A reclaim in progress (or one whose process died): abort it, use the slot as a tombstone.
@@ -87,7 +89,7 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
     // this CAS; a reader that loads the entry with acquire sees the key.
     if (entry(pos).cas(e, mine, std::memory_order_seq_cst)) {
       flush(&entry(pos), 8);
-      if (!reachable(h & mask, pos)) {
+      if (!reachable(home, pos)) {
         // A reclaim emptied a slot before ours: lookups would stop there.  Withdraw and look again.
         uint64_t e2 = mine;
         if (entry(pos).cas(e2, kEntryTomb, std::memory_order_seq_cst)) flush(&entry(pos), 8);
@@ -109,7 +111,7 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
   // seq_cst, so at least one of the two sees the other: at most one entry
   // stays (possibly none, which is only a cache miss).
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
-    const uint64_t pos = (h + d) & mask;
+    const uint64_t pos = shards_.step(home, d);
     if (pos == my_pos) continue;
     const uint64_t e = entry(pos).load(std::memory_order_seq_cst);
     if (e == kEntryEmpty) break;
@@ -143,13 +145,12 @@ Pool::Insert Pool::insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen
 // that emptied one of them meanwhile is seen and the insert is redone.  All of
 // these are seq_cst (index.md has the argument).
 bool Pool::try_reclaim(uint64_t p) {
-  const uint64_t mask = nslots_ - 1;
   uint64_t e = entry(p).load(std::memory_order_seq_cst);
   if (e != kEntryTomb || !entry(p).cas(e, kEntryClearing, std::memory_order_seq_cst)) return false;
   flush(&entry(p), 8);
   bool ok = true;
   for (uint64_t d = 1; d < kIndexProbeLimit && ok; ++d) {
-    const uint64_t q = (p + d) & mask;
+    const uint64_t q = shards_.step(p, d);
     const uint64_t f = entry(q).load(std::memory_order_seq_cst);
     if (f == kEntryEmpty) break;
     if (!word::entry_live(f)) continue;  // tombstones (and garbage) are passed by lookups, never ended at
@@ -164,8 +165,8 @@ bool Pool::try_reclaim(uint64_t p) {
       ok = false;  // the block moved while we read its key: keep the tombstone
       break;
     }
-    const uint64_t home = word::key_hash(k0, k1) & mask;
-    if (((q - home) & mask) >= d) ok = false;  // its probe sequence passes p
+    const uint64_t home = shards_.home(word::key_hash(k0, k1));
+    if (shards_.dist(home, q) >= d) ok = false;  // its probe sequence passes p
   }
   uint64_t c = kEntryClearing;
   const bool done = entry(p).cas(c, ok ? kEntryEmpty : kEntryTomb, std::memory_order_seq_cst);
@@ -176,16 +177,14 @@ bool Pool::try_reclaim(uint64_t p) {
 void Pool::reclaim_tombstones(uint64_t pos) {
   // The new tombstone, and the run of tombstones just before it (the entry
   // just removed may have been the last one that needed them).
-  const uint64_t mask = nslots_ - 1;
-  for (uint32_t step = 0; step < 8; ++step, pos = (pos - 1) & mask) {
+  for (uint32_t step = 0; step < 8; ++step, pos = shards_.back(pos)) {
     if (entry(pos).load(std::memory_order_seq_cst) != kEntryTomb) return;
     try_reclaim(pos);
   }
 }
 
 bool Pool::reachable(uint64_t home, uint64_t my_pos) {
-  const uint64_t mask = nslots_ - 1;
-  for (uint64_t pos = (my_pos - 1) & mask, n = (my_pos - home) & mask; n > 0; --n, pos = (pos - 1) & mask) {
+  for (uint64_t pos = shards_.back(my_pos), n = shards_.dist(home, my_pos); n > 0; --n, pos = shards_.back(pos)) {
     uint64_t e = entry(pos).load(std::memory_order_seq_cst);
     if (e == kEntryClearing) {
       if (entry(pos).cas(e, kEntryTomb, std::memory_order_seq_cst)) {
@@ -218,9 +217,12 @@ void Pool::remove_entry(uint64_t index, uint32_t gen) {
   const uint64_t k0 = desc(index).key[0].load(std::memory_order_relaxed);
   const uint64_t k1 = desc(index).key[1].load(std::memory_order_relaxed);
   const uint64_t h = word::key_hash(k0, k1);
-  const uint64_t mask = nslots_ - 1;
+  // Index writes take the index's lock (with lock shards: after the block's shard, which the
+  // caller holds; otherwise this nests in the caller's Exclusive).
+  ShardHold hold(this, index_lock_id());
+  const uint64_t home = shards_.home(h);
   for (uint32_t d = 0; d < kIndexProbeLimit; ++d) {
-    const uint64_t pos = (h + d) & mask;
+    const uint64_t pos = shards_.step(home, d);
     uint64_t e = entry(pos).load(std::memory_order_acquire);
     if (e == kEntryEmpty) return;
     if (word::entry_live(e) && word::entry_index(e) == index && word::entry_gen_matches(e, gen)) {
@@ -261,11 +263,12 @@ bool Pool::withdraw(uint64_t i, uint32_t g) {
   uint64_t e = evicting;
   if (!sw.cas(e, word::state(g, kFree, 0), std::memory_order_release)) return false;
   flush(&sw, 8);
-  ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+  hint_word(shards_.block_shard(i)).fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
 size_t Pool::match(const uint8_t* keys, size_t n) {
+  if (sharded()) return match_sharded(keys, n);
   Exclusive ex(this);
   ensure_usable();
   heartbeat();
@@ -279,6 +282,7 @@ size_t Pool::match(const uint8_t* keys, size_t n) {
 }
 
 size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
+  if (sharded()) return reserve_sharded(keys, n, positions, handles);
   Exclusive ex(this);
   ensure_usable();
   heartbeat();
@@ -326,26 +330,31 @@ void Pool::commit(const uint64_t* handles, size_t n) {
     for (size_t j = 0; j < n; ++j)
       if (word::handle_index(handles[j]) < nblocks_) write_back_block(word::handle_index(handles[j]));
   }
+  if (sharded()) return commit_sharded(handles, n);
   Exclusive ex(this);
   ensure_usable();
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "commit");
-  for (size_t j = 0; j < n; ++j) {
-    const uint64_t i = word::handle_index(handles[j]);
-    const uint32_t g = word::handle_gen(handles[j]);
-    if (checksums_) desc(i).crc.store(crc32c(block_data(i), geo_.block_bytes), std::memory_order_relaxed);
-    flush(&desc(i), sizeof(BlockDesc));
-    uint64_t s = word::state(g, kWriting, slot_);
-    // SYNC POINT: block-seal.  The block's bytes, key and checksum happen-before
-    // any reader that sees SEALED with acquire.
-    if (!state(i).cas(s, word::state(g, kSealed, 0), std::memory_order_release))
-      raise(ErrorCode::kCorrupt, "commit: block " + std::to_string(i) + " changed state under its writer");
-    flush(&state(i), 8);
-  }
+  for (size_t j = 0; j < n; ++j) seal(handles[j]);
   add_counter(kCtrPublished, n);
   add_counter(kCtrBytesIn, n * geo_.block_bytes);
 }
 
+void Pool::seal(uint64_t h) {
+  // One checked WRITING block of ours, under the lock that guards it: checksum, then SEALED.
+  const uint64_t i = word::handle_index(h);
+  const uint32_t g = word::handle_gen(h);
+  if (checksums_) desc(i).crc.store(crc32c(block_data(i), geo_.block_bytes), std::memory_order_relaxed);
+  flush(&desc(i), sizeof(BlockDesc));
+  uint64_t s = word::state(g, kWriting, slot_);
+  // SYNC POINT: block-seal.  The block's bytes, key and checksum happen-before
+  // any reader that sees SEALED with acquire.
+  if (!state(i).cas(s, word::state(g, kSealed, 0), std::memory_order_release))
+    raise(ErrorCode::kCorrupt, "commit: block " + std::to_string(i) + " changed state under its writer");
+  flush(&state(i), 8);
+}
+
 void Pool::abort_writes(const uint64_t* handles, size_t n) {
+  if (sharded()) return abort_sharded(handles, n);
   Exclusive ex(this);
   ensure_usable();
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "abort");
@@ -386,12 +395,34 @@ uint32_t Pool::next_pin_seq(uint32_t s) {
   return q ? q : 1;
 }
 
-void Pool::help_landed(uint64_t p) {
+void Pool::help_landed(uint64_t i, uint64_t p) {
   const uint32_t seq = word::pins_seq(p), b = word::pins_slot(p);
   if (seq == 0 || b >= max_members_) return;
   MemberSlot* m = member(b);
   uint64_t j = m->pin_op.load(std::memory_order_acquire);
   if (word::journal_seq(j) != seq || word::journal_op(j) == word::kPinOpNone || word::journal_landed(j)) return;
+  if (noncoherent()) {
+    // Member b's slot is written only by b (and by b's recoverer once b is dead), so the
+    // mark cannot go there: another host writing that line would break rule 1 of
+    // coherence.md.  Instead the tag's news goes into b's pin record, which lies in
+    // block i's part of the record region, under the lock this thread holds: b's change
+    // landed, so its record is made what b leaves it as when it finishes (counted after
+    // a pin, gone after an unpin), and recovery then reads it from the record.  b cannot
+    // be inside that pin or unpin now: it holds block i's lock for the whole of it, so
+    // either it finished (the record is already final and nothing is written) or it died
+    // in it.
+    const uint64_t pos = word::journal_pos(j);
+    if (pos >= npins_ || pos / pins_per_shard() != shards_.block_shard(i)) return;
+    Atomic64& r = pin_record(pos);
+    uint64_t rec = r.load(std::memory_order_acquire);
+    if (!word::rec_live(rec) || word::rec_slot(rec) != b || word::rec_index(rec) != i) return;
+    if (word::journal_op(j) == word::kPinOpPin && !word::rec_held(rec)) {
+      if (r.cas(rec, word::pin_rec(b, i, true), std::memory_order_acq_rel)) flush(&r, 8);
+    } else if (word::journal_op(j) == word::kPinOpUnpin && word::rec_held(rec)) {
+      if (r.cas(rec, 0, std::memory_order_acq_rel)) flush(&r, 8);
+    }
+    return;
+  }
   // SYNC POINT: pin-landed.  The mark happens-before the tag that replaces (b, seq).
   if (m->pin_op.cas(j, j | word::kJournalLanded, std::memory_order_acq_rel)) flush(&m->pin_op, 8);
 }
@@ -400,7 +431,7 @@ void Pool::change_pins(uint64_t i, int delta, uint32_t slot, uint32_t seq) {
   BlockDesc& d = desc(i);
   uint64_t p = d.pins.load(std::memory_order_acquire);
   for (;;) {
-    help_landed(p);
+    help_landed(i, p);
     const uint32_t c = word::pins_count(p);
     // A count is never driven below zero or above the member limit (a scribbled word
     // stays wrong, and check() says so, but never wraps into "unpinned").
@@ -426,10 +457,12 @@ bool Pool::pin(uint64_t i, uint32_t g, uint64_t k0, uint64_t k1) {
   MemberSlot* me = member(slot_);
   const uint32_t seq = next_pin_seq(slot_);
   // 1. A free record near hash(slot, block); the journal names it before we take it.
-  const uint64_t mask = npins_ - 1, home = word::mix64((uint64_t(slot_) << 32) ^ i) & mask;
+  // In the block's shard's part of the region (the lock that guards the block guards its records).
+  const uint64_t per = pins_per_shard(), mask = per - 1;
+  const uint64_t base = uint64_t(shards_.block_shard(i)) * per, home = word::mix64((uint64_t(slot_) << 32) ^ i) & mask;
   uint64_t pos = npins_;
   for (uint32_t k = 0; k < kPinProbeLimit; ++k) {
-    const uint64_t q = (home + k) & mask;
+    const uint64_t q = base + ((home + k) & mask);
     Atomic64& r = pin_record(q);
     uint64_t zero = 0;
     if (r.load(std::memory_order_relaxed) != 0) continue;
@@ -569,6 +602,7 @@ void Pool::release_pins_of(const std::vector<bool>& mask, RecoveryReport& rep) {
 }
 
 size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
+  if (sharded()) return acquire_sharded(keys, n, out);
   size_t got = 0;
   {
     Exclusive ex(this);
@@ -587,6 +621,11 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
       out[got++] = word::handle(f.gen, f.index);
     }
   }
+  return acquire_finish(keys, n, out, got);
+}
+
+size_t Pool::acquire_finish(const uint8_t* keys, size_t n, uint64_t* out, size_t got) {
+  (void)keys;
   // The pinned blocks are sealed and cannot change: their bytes are read outside the lock.
   if (checksums_) {
     for (size_t j = 0; j < got; ++j) {
@@ -615,10 +654,17 @@ size_t Pool::acquire(const uint8_t* keys, size_t n, uint64_t* out) {
 
 void Pool::release(const uint64_t* handles, size_t n) {
   if (!map_.base()) return;  // close() already dropped every pin
+  if (sharded()) return release_sharded(handles, n);
   Exclusive ex(this);
   ensure_open();
   if (read_only_) raise_read_only();
   std::lock_guard<std::mutex> lk(pin_mu_);
+  if (!check_release(handles, n)) return;
+  for (size_t j = 0; j < n; ++j) unpin(word::handle_index(handles[j]));
+}
+
+bool Pool::check_release(const uint64_t* handles, size_t n) {
+  // Caller holds pin_mu_.
   if (!still_member()) {
     // Declared dead and recovered: our pins were dropped, and the slot's bits
     // may belong to a new member now.  Forget them locally only.
@@ -626,7 +672,7 @@ void Pool::release(const uint64_t* handles, size_t n) {
       const uint64_t i = word::handle_index(handles[j]);
       if (i < nblocks_ && pin_count_[i]) --pin_count_[i];
     }
-    return;
+    return false;
   }
   for (size_t j = 0; j < n; ++j) {
     const uint64_t i = word::handle_index(handles[j]);
@@ -636,7 +682,7 @@ void Pool::release(const uint64_t* handles, size_t n) {
     if (word::gen(state(i).load(std::memory_order_acquire)) != word::handle_gen(handles[j]))
       raise(ErrorCode::kStaleHandle, "release: block handle " + std::to_string(handles[j]) + " is stale (the block was reused)");
   }
-  for (size_t j = 0; j < n; ++j) unpin(word::handle_index(handles[j]));
+  return true;
 }
 
 const uint8_t* Pool::pinned_block(uint64_t h) {
@@ -718,6 +764,209 @@ void Pool::write_spans(const uint64_t* handles, const uint64_t* offsets, const u
     copy_engine().submit(group, std::move(spans));
   else
     copy_engine().run(spans.data(), spans.size());
+}
+
+// ---- sharded entry points (noncoherent pools with lock shards; coherence.md) ----
+// Each takes the lock of one block shard at a time (grouping its handles by shard),
+// and the index lock only to change the index, so calls of different hosts on
+// different shards run at once.  Lookups take no lock (validated reads).  What a call
+// checks without a lock is a fresh read of a line that only this member (or a
+// recoverer, after declaring it dead) changes.
+
+size_t Pool::match_sharded(const uint8_t* keys, size_t n) {
+  heartbeat();
+  ensure_usable();
+  // Lookups take no lock: every line they read is invalidated first and the key is
+  // validated against the block's state (seqlock), as a read-only handle reads.
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    if (!lookup(k0, k1, true, &f)) return i;
+  }
+  return n;
+}
+
+size_t Pool::reserve_sharded(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
+  heartbeat();
+  ensure_usable();
+  // Which keys are missing (a hint, read without a lock; insert() decides under the index lock).
+  std::vector<size_t> missing;
+  missing.reserve(n);
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    if (!lookup(k0, k1, false, &f)) missing.push_back(i);
+  }
+  uint64_t present = n - missing.size(), index_full = 0, allocs = 0;
+  std::vector<std::pair<size_t, uint64_t>> done;  // (key position, handle), inserted
+  size_t next = 0;                                  // missing keys given a block so far
+  // Blocks from this member's home shard first (one hold, usually enough), the next
+  // shards if it runs short; under each block shard, the keys go into the descriptors
+  // and then, under the index lock, into the index.
+  // Free blocks of any shard before evicting in any (as alloc() does).
+  for (uint32_t step = 0; step < 2 * shards_.shards && next < missing.size(); ++step) {
+    const int pass = step < shards_.shards ? 0 : 1;
+    const uint32_t sh = (home_shard() + step) % shards_.shards;
+    if (!shard_pass(sh, pass)) continue;
+    ShardHold hold(this, sh);
+    std::vector<uint64_t> got(missing.size() - next);
+    const size_t have = alloc_in_shard(sh, got.size(), pass == 1, got.data(), 0);
+    if (have == 0) continue;
+    allocs += have;
+    for (size_t j = 0; j < have; ++j) {
+      uint64_t k0, k1;
+      load_key(keys, missing[next + j], &k0, &k1);
+      BlockDesc& d = desc(word::handle_index(got[j]));
+      d.key[0].store(k0, std::memory_order_relaxed);
+      d.key[1].store(k1, std::memory_order_relaxed);
+      d.crc.store(0, std::memory_order_relaxed);
+      flush(&d, sizeof(BlockDesc));
+    }
+    std::atomic_thread_fence(std::memory_order_release);
+    std::vector<uint64_t> unused;
+    {
+      ShardHold ih(this, index_lock_id());
+      for (size_t j = 0; j < have; ++j) {
+        uint64_t k0, k1;
+        load_key(keys, missing[next + j], &k0, &k1);
+        Insert r = insert(k0, k1, word::handle_index(got[j]), word::handle_gen(got[j]));
+        if (r == Insert::kInserted) {
+          done.emplace_back(missing[next + j], got[j]);
+          continue;
+        }
+        if (r == Insert::kFull) ++index_full; else ++present;
+        unused.push_back(got[j]);
+      }
+    }
+    release_claims(unused.data(), unused.size());  // the block shard is still held
+    next += have;
+  }
+  add_counter(kCtrAllocs, allocs);
+  add_counter(kCtrDuplicates, present);
+  add_counter(kCtrIndexFull, index_full);
+  if (next < missing.size()) {
+    // All or nothing, as with one lock: take back what this call reserved.
+    std::vector<uint64_t> hs;
+    for (const auto& d : done) hs.push_back(d.second);
+    abort_sharded(hs.data(), hs.size());
+    raise_full(missing.size(), true, "");
+  }
+  std::sort(done.begin(), done.end());
+  for (size_t m = 0; m < done.size(); ++m) {
+    positions[m] = int64_t(done[m].first);
+    handles[m] = done[m].second;
+  }
+  return done.size();
+}
+
+void Pool::commit_sharded(const uint64_t* handles, size_t n) {
+  ensure_usable();
+  std::vector<uint32_t> shard_of(n);
+  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  // All checked before anything is sealed (under the shard's lock when there is one shard).
+  std::optional<ShardHold> one;
+  if (n && std::all_of(shard_of.begin(), shard_of.end(), [&](uint32_t s) { return s == shard_of[0]; }))
+    one.emplace(this, shard_of[0]);
+  for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "commit");
+  for (const auto& [sh, group] : group_by_shard(shard_of)) {
+    ShardHold hold(this, sh);
+    for (size_t j : group) seal(handles[j]);
+  }
+  add_counter(kCtrPublished, n);
+  add_counter(kCtrBytesIn, n * geo_.block_bytes);
+}
+
+void Pool::abort_sharded(const uint64_t* handles, size_t n) {
+  ensure_usable();
+  std::vector<uint32_t> shard_of(n);
+  for (size_t j = 0; j < n; ++j) {
+    check_handle_owned(handles[j], kWriting, "abort");
+    shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  }
+  for (const auto& [sh, group] : group_by_shard(shard_of)) {
+    ShardHold hold(this, sh);
+    for (size_t j : group) {
+      remove_entry(word::handle_index(handles[j]), word::handle_gen(handles[j]));
+      release_claims(&handles[j], 1);
+    }
+  }
+}
+
+size_t Pool::acquire_sharded(const uint8_t* keys, size_t n, uint64_t* out) {
+  heartbeat();
+  ensure_usable();
+  // Look the prefix up without a lock (validated reads), then pin under each block
+  // shard's lock: pin() re-checks state, generation and key after setting its bit, so a
+  // block evicted or reused since the lookup is never pinned.  Blocks published together
+  // come from one shard, so a request usually takes one lock.
+  std::vector<Found> found;
+  found.reserve(n);
+  Found f;
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t k0, k1;
+    load_key(keys, i, &k0, &k1);
+    if (!lookup(k0, k1, true, &f)) break;
+    found.push_back(f);
+  }
+  const size_t cand = found.size();
+  std::vector<uint8_t> ok(cand, 0);
+  std::vector<uint32_t> shard_of(cand);
+  for (size_t i = 0; i < cand; ++i) shard_of[i] = shards_.block_shard(found[i].index);
+  for (const auto& [sh, group] : group_by_shard(shard_of)) {
+    ShardHold hold(this, sh);
+    for (size_t i : group) {
+      uint64_t k0, k1;
+      load_key(keys, i, &k0, &k1);
+      ok[i] = pin(found[i].index, found[i].gen, k0, k1) ? 1 : 0;
+    }
+  }
+  // A key whose block moved between lookup and pin: look once more (as with one lock).
+  size_t got = 0;
+  for (; got < cand; ++got) {
+    if (ok[got]) continue;
+    uint64_t k0, k1;
+    load_key(keys, got, &k0, &k1);
+    if (!lookup(k0, k1, true, &f)) break;
+    {
+      ShardHold hold(this, shards_.block_shard(f.index));
+      if (!pin(f.index, f.gen, k0, k1)) break;
+    }
+    found[got] = f;
+    ok[got] = 1;
+  }
+  // Pins after the first miss are not part of the prefix: give them back.
+  std::vector<uint32_t> extra_shard;
+  std::vector<uint64_t> extra;
+  for (size_t i = got; i < cand; ++i)
+    if (ok[i]) {
+      extra.push_back(found[i].index);
+      extra_shard.push_back(shards_.block_shard(found[i].index));
+    }
+  for (const auto& [sh, group] : group_by_shard(extra_shard)) {
+    ShardHold hold(this, sh);
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    for (size_t j : group) unpin(extra[j]);
+  }
+  for (size_t i = 0; i < got; ++i) out[i] = word::handle(found[i].gen, found[i].index);
+  return acquire_finish(keys, n, out, got);
+}
+
+void Pool::release_sharded(const uint64_t* handles, size_t n) {
+  ensure_open();
+  if (read_only_) raise_read_only();
+  std::vector<uint32_t> shard_of(n);
+  {
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    if (!check_release(handles, n)) return;
+  }
+  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  for (const auto& [sh, group] : group_by_shard(shard_of)) {
+    ShardHold hold(this, sh);
+    std::lock_guard<std::mutex> lk(pin_mu_);
+    for (size_t j : group) unpin(word::handle_index(handles[j]));
+  }
 }
 
 CopyEngine& Pool::copy_engine() {

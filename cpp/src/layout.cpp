@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "pykvshm/shards.h"
 #include "pykvshm/crc32c.h"
 #include "pykvshm/pool.h"
 
@@ -27,8 +28,8 @@ uint64_t layout_for(const Geometry& g, uint64_t n, uint32_t max_members, LayoutP
   p->max_members = max_members;
   p->index_slots = index_slots_for(n);
   uint64_t off = kPageBytes;  // superblock page
-  p->regions[kRegionControl] = {off, sizeof(Control)};
-  off += sizeof(Control);
+  p->regions[kRegionControl] = {off, sizeof(Control) + sizeof(ShardTable)};
+  off += p->regions[kRegionControl].size;
   p->regions[kRegionMembers] = {off, uint64_t(max_members) * sizeof(MemberSlot)};
   off += p->regions[kRegionMembers].size;
   p->regions[kRegionStates] = {off, align_up(n * 8, 64)};
@@ -187,7 +188,19 @@ void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, con
     raise(ErrorCode::kCorrupt, who + " needs " + std::to_string(end) + " bytes but the backing store has " +
                                    std::to_string(file_size));
   for (uint8_t b : sb->reserved)
-    if (b != 0) raise(ErrorCode::kCorrupt, who + " has non-zero reserved superblock bytes");
+    if (b != 0 || sb->reserved32 != 0) raise(ErrorCode::kCorrupt, who + " has non-zero reserved superblock bytes");
+  const uint32_t s = sb->lock_shards;
+  const uint32_t most = sb->coherence == uint32_t(Coherence::kNoncoherent) ? max_lock_shards(sb->num_blocks, sb->index_slots) : 1;
+  if (s == 0 || (s & (s - 1)) != 0 || s > most)
+    raise(ErrorCode::kCorrupt, who + " has " + std::to_string(s) + " lock shards; this pool allows a power of two up to " +
+                                   std::to_string(most));
+}
+
+uint32_t max_lock_shards(uint64_t nblocks, uint64_t nslots) noexcept {
+  (void)nslots;  // the index has one lock of its own, whatever its size
+  uint32_t s = 1;
+  while (s < kMaxLockShards / 2 && uint64_t(s) * 2 * 64 <= nblocks) s *= 2;
+  return s;
 }
 
 }  // namespace pykvshm

@@ -253,9 +253,25 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     sb->index_probe_limit = kIndexProbeLimit;
     sb->transfer_max_blocks = p.transfer_max_blocks;
     std::memcpy(sb->regions, p.regions, sizeof p.regions);
+    {
+      const uint32_t most = opt.coherence == Coherence::kNoncoherent ? max_lock_shards(p.num_blocks, p.index_slots) : 1;
+      uint32_t shards = opt.lock_shards == 0 ? std::min(most, 8u) : opt.lock_shards;
+      if ((shards & (shards - 1)) != 0 || shards > most)
+        raise(ErrorCode::kPool, "lock_shards must be a power of two up to " + std::to_string(most) +
+                                             " for this pool (" + std::to_string(p.num_blocks) + " blocks" +
+                                             (opt.coherence == Coherence::kNoncoherent ? "" : ", coherent") + "), got " +
+                                             std::to_string(shards));
+      sb->lock_shards = shards;
+    }
     sb->checksum = superblock_checksum(sb);
     auto control = reinterpret_cast<Control*>(base + p.regions[kRegionControl].offset);
     control->free_hint.value.store(p.num_blocks, std::memory_order_relaxed);
+    if (sb->lock_shards > 1) {
+      const ShardMap sm = ShardMap::make(sb->lock_shards, p.num_blocks, p.index_slots);
+      auto* table = reinterpret_cast<ShardTable*>(base + p.regions[kRegionControl].offset + sizeof(Control));
+      for (uint32_t s = 0; s < sm.shards; ++s)
+        table->shards[s].free_hint.value.store(sm.block_end(s) - sm.block_begin(s), std::memory_order_relaxed);
+    }
     if (opt.coherence == Coherence::kNoncoherent) visibility::flush_range(base, p.regions[kRegionData].offset);
     // SYNC POINT: superblock-publish.  Everything above happens-before any
     // process that reads a non-zero layout_version with acquire.
@@ -285,6 +301,24 @@ std::unique_ptr<Pool> Pool::open(const std::string& name, const PoolOptions& opt
   std::unique_ptr<Pool> p = map_validated(name, opt, expect);
   if (p->noncoherent()) {
     p->lock_.init(p->ctl(), p->host_id_, p->lease_ns_, p->pid_);
+    if (p->sharded()) {
+      p->shard_locks_.reset(new HostLock[p->shards_.shards + 1]);  // block shards, then the index lock
+      for (uint32_t s = 0; s <= p->shards_.shards; ++s) {
+        p->shard_locks_[s].init_shard(&p->lock_, p->shard_words(s).lines);
+        // Waiting for lock s, this handle may hold the pool-wide lock and locks 0..s-1 (an
+        // Exclusive), or one block shard (before the index lock): keep their holds renewed,
+        // or it would fence itself.
+        Pool* self = p.get();
+        p->shard_locks_[s].set_keep_alive([self, s] {
+          if (self->lock_depth_ > 0) {
+            self->lock_.renew();
+            for (uint32_t j = 0; j < s; ++j) self->shard_locks_[j].renew();
+          } else if (self->held_shard_ >= 0 && uint32_t(self->held_shard_) < s) {
+            self->shard_locks_[uint32_t(self->held_shard_)].renew();
+          }
+        });
+      }
+    }
     p->lock_.join();
   }
   p->attach_member();
@@ -364,6 +398,7 @@ std::unique_ptr<Pool> Pool::map_validated(const std::string& name, const PoolOpt
   p->transfer_max_ = sb->transfer_max_blocks;
   p->pins_off_ = sb->regions[kRegionPins].offset;
   p->npins_ = sb->regions[kRegionPins].size / 8;
+  p->shards_ = ShardMap::make(sb->lock_shards, sb->num_blocks, sb->index_slots);
   p->coherence_ = Coherence(sb->coherence);
   p->checksums_ = (sb->flags & kFlagBlockChecksums) != 0;
   p->max_members_ = sb->max_members;
@@ -424,10 +459,28 @@ bool Pool::enter_exclusive() const {
   // reads run outside it, each one invalidating first (refresh()).
   if (read_only_ || !noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
   lock_mu_.lock();
+  if (held_shard_ >= 0 || index_depth_ > 0) {
+    // A thread holding a lock shard may not take the pool-wide lock (it comes first
+    // in the lock order): a bug in pykvshm, reported rather than deadlocked.
+    lock_mu_.unlock();
+    raise(ErrorCode::kCorrupt, "internal error: the pool-wide noncoherent lock was asked for while holding a lock shard");
+  }
   if (lock_depth_++ == 0) {
+    uint32_t taken = 0;
+    bool pool_wide = false;
     try {
+      lock_.forget_silent();
       if (lock_.lock()) write_back_metadata();
+      note_lock_wait(lock_);
+      pool_wide = true;
+      // Then every data shard, in ascending order (the lock order).
+      for (; sharded() && taken <= shards_.shards; ++taken) {
+        if (shard_locks_[taken].lock()) write_back_metadata();
+        note_lock_wait(shard_locks_[taken]);
+      }
     } catch (...) {
+      while (taken > 0) shard_locks_[--taken].unlock();
+      if (pool_wide) lock_.unlock();
       --lock_depth_;
       lock_mu_.unlock();
       throw;
@@ -447,12 +500,26 @@ bool Pool::enter_exclusive() const {
   return true;
 }
 
+void Pool::note_lock_wait(const HostLock& l) const noexcept {
+  // Counted in our own slot (its line is ours; written back as we leave the lock); not
+  // before the slot is ours (attach) nor in a read-only handle (it takes no lock).
+  if (!l.waited() || read_only_ || epoch_ == 0 || !map_.base()) return;
+  auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
+  mine->counters[kCtrLockWaits].fetch_add(1, std::memory_order_relaxed);
+}
+
 void Pool::leave_exclusive() const noexcept {
   // A holder that lost the lock writes nothing back: what it wrote before it
   // noticed is older than what the new holder writes.
-  if (--lock_depth_ == 0 && map_.base() && !lock_.renew()) {
+  bool lost = false;
+  if (--lock_depth_ == 0 && map_.base()) {
+    lost = !lock_.renew();
+    for (uint32_t s = 0; sharded() && s <= shards_.shards; ++s) lost = !shard_locks_[s].renew() || lost;
+  }
+  if (lock_depth_ == 0 && map_.base() && lost) {
     fenced_.store(true, std::memory_order_relaxed);
     t_held.pool = nullptr;
+    for (uint32_t s = sharded() ? shards_.shards + 1 : 0; s > 0; --s) shard_locks_[s - 1].unlock();
     lock_.unlock();  // only if `local` is still ours (then the line is ours to clear)
   } else if (lock_depth_ == 0 && map_.base()) {
     // Write back what this operation may have changed on the control page and in
@@ -464,10 +531,119 @@ void Pool::leave_exclusive() const noexcept {
     visibility::flush_range(c->retired, sizeof c->retired);
     auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
     visibility::flush_range(mine->counters, sizeof mine->counters);
+    for (uint32_t s = 0; sharded() && s < shards_.shards; ++s) {
+      visibility::flush_range(&shard_words(s).free_hint, 64);
+      visibility::flush_range(&shard_words(s).clock_hand, 64);
+    }
     t_held.pool = nullptr;
+    for (uint32_t s = sharded() ? shards_.shards + 1 : 0; s > 0; --s) shard_locks_[s - 1].unlock();
     lock_.unlock();
   }
   lock_mu_.unlock();
+}
+
+bool Pool::enter_shard(uint32_t s) const {
+  if (read_only_ || !noncoherent() || !map_.base() || g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) return false;
+  lock_mu_.lock();
+  if (lock_depth_ > 0) {  // inside an Exclusive: every lock is held already
+    lock_mu_.unlock();
+    return false;
+  }
+  const bool index = s == shards_.index_lock();
+  if (index ? index_depth_ > 0 : held_shard_ == int32_t(s)) {
+    ++(index ? index_depth_ : shard_depth_);
+    return true;
+  }
+  // Lock order: one block shard, then the index lock; never a block shard after the
+  // index lock, nor a second block shard.
+  if (!index && (held_shard_ >= 0 || index_depth_ > 0)) {
+    lock_mu_.unlock();
+    raise(ErrorCode::kCorrupt, "internal error: lock shard " + std::to_string(s) + " was asked for out of order");
+  }
+  const bool first = held_shard_ < 0 && index_depth_ == 0;
+  try {
+    if (first) lock_.forget_silent();
+    if (shard_locks_[s].lock()) write_back_metadata();
+    note_lock_wait(shard_locks_[s]);
+  } catch (...) {
+    lock_mu_.unlock();
+    throw;
+  }
+  (index ? index_depth_ : shard_depth_) = 1;
+  if (!index) held_shard_ = int32_t(s);
+  ++shard_acquisitions_;
+  t_held.pool = this;
+  if (++t_held.hold == 0) {
+    std::fill(std::begin(t_held.tag), std::end(t_held.tag), 0u);
+    t_held.hold = 1;
+  }
+  return true;
+}
+
+void Pool::leave_shard(uint32_t s) const noexcept {
+  const bool index = s == shards_.index_lock();
+  if (--(index ? index_depth_ : shard_depth_) == 0) {
+    HostLock& l = shard_locks_[s];
+    if (map_.base() && !l.renew()) {
+      // As in leave_exclusive: a holder that lost the lock writes nothing back.
+      fenced_.store(true, std::memory_order_relaxed);
+    } else if (map_.base()) {
+      if (!index) {
+        visibility::flush_range(&shard_words(s).free_hint, 64);
+        visibility::flush_range(&shard_words(s).clock_hand, 64);
+      }
+      auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
+      visibility::flush_range(mine->counters, sizeof mine->counters);
+    }
+    if (!index) held_shard_ = -1;
+    if (held_shard_ < 0 && index_depth_ == 0) t_held.pool = nullptr;
+    if (map_.base()) l.unlock();
+  }
+  lock_mu_.unlock();
+}
+
+int32_t Pool::line_shard(const void* p) const noexcept {
+  if (!sharded()) return -1;
+  const uint64_t o = uint64_t(reinterpret_cast<const uint8_t*>(p) - map_.base());
+  if (o >= states_off_ && o < desc_off_) return int32_t(shards_.block_shard((o - states_off_) / 8));
+  if (o >= desc_off_ && o < index_off_) return int32_t(shards_.block_shard((o - desc_off_) / sizeof(BlockDesc)));
+  if (o >= index_off_ && o < index_off_ + nslots_ * 8) return int32_t(shards_.index_lock());
+  // Pin records: block shard s's blocks keep theirs in the s-th equal part of the region.
+  if (o >= pins_off_ && o < pins_off_ + npins_ * 8) return int32_t((o - pins_off_) / 8 / pins_per_shard());
+  const uint64_t t = ctl_off_ + sizeof(Control);
+  if (o >= t && o < t + uint64_t(shards_.shards) * sizeof(ShardLock)) return int32_t((o - t) / sizeof(ShardLock));
+  return -1;
+}
+
+HostLock* Pool::guarding_lock(const void* p) const noexcept {
+  if (t_held.pool != this) return nullptr;
+  const int32_t s = line_shard(p);
+  if (lock_depth_ > 0) return s < 0 ? &lock_ : &shard_locks_[uint32_t(s)];
+  if (s >= 0 && (s == held_shard_ || (uint32_t(s) == shards_.index_lock() && index_depth_ > 0)))
+    return &shard_locks_[uint32_t(s)];
+  // This member's own slot (its pin journal): written only by this member, and by a recoverer
+  // only once the member is judged dead, so the lock this thread holds fences the writes.
+  const uint8_t* slot = map_.base() + members_off_ + uint64_t(slot_) * sizeof(MemberSlot);  // no refresh here
+  const auto* q = reinterpret_cast<const uint8_t*>(p);
+  if (s < 0 && q >= slot && q < slot + sizeof(MemberSlot)) {
+    if (held_shard_ >= 0) return &shard_locks_[uint32_t(held_shard_)];
+    if (index_depth_ > 0) return &shard_locks_[shards_.index_lock()];
+  }
+  return nullptr;
+}
+
+Atomic64& Pool::hint_word(uint32_t s) const {
+  if (!sharded()) return ctl()->free_hint.value;  // invalidated on entry, written back on exit
+  Atomic64& w = shard_words(s).free_hint.value;
+  fresh(&w, 8);
+  return w;
+}
+
+Atomic64& Pool::clock_word(uint32_t s) const {
+  if (!sharded()) return ctl()->clock_hand.value;
+  Atomic64& w = shard_words(s).clock_hand.value;
+  fresh(&w, 8);
+  return w;
 }
 
 void Pool::refresh(const void* p, size_t n) const {
@@ -476,7 +652,12 @@ void Pool::refresh(const void* p, size_t n) const {
     return;
   }
   // The fence: before every access under the lock, check it is still ours.
-  if (!lock_.renew()) lost_lock();
+  HostLock* guard = guarding_lock(p);
+  if (!guard) {  // a line this thread's holds do not guard: read it as outside the lock
+    visibility::invalidate_range(p, n);
+    return;
+  }
+  if (!guard->renew()) lost_lock();
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     if (t_held.first_time(a)) visibility::invalidate_range(reinterpret_cast<const void*>(a), 64);
@@ -513,6 +694,13 @@ LockStats Pool::lock_stats() const {
   st.takeovers = lock_.takeovers();
   st.hosts_skipped = lock_.hosts_skipped();
   st.host_line = lock_.line();
+  st.lock_shards = shards_.shards;
+  for (uint32_t s = 0; sharded() && s <= shards_.shards; ++s) {
+    st.shard_takeovers += shard_locks_[s].takeovers();
+    st.hosts_skipped += shard_locks_[s].hosts_skipped();
+  }
+  st.shard_acquisitions = shard_acquisitions_;
+  st.unguarded_writes = unguarded_writes_.load(std::memory_order_relaxed);
   return st;
 }
 
@@ -552,7 +740,11 @@ void Pool::add_counter(Counter c, uint64_t v) {
 }
 
 void Pool::flush(const void* p, size_t n) const noexcept {
-  if (coherence_ == Coherence::kNoncoherent) visibility::flush_range(p, n);
+  if (coherence_ != Coherence::kNoncoherent) return;
+  // Every metadata write must happen under the lock that guards its line (rule 1 of
+  // coherence.md); counted so that tests catch a path that breaks it.
+  if (!guarding_lock(p)) unguarded_writes_.fetch_add(1, std::memory_order_relaxed);
+  visibility::flush_range(p, n);
 }
 
 bool Pool::claim_slot(uint32_t i, uint64_t start_time) {
@@ -728,7 +920,7 @@ void Pool::release_members(const std::vector<bool>& mask, RecoveryReport& rep) {
       write_back_block(i);  // a dead writer of this host may have left them dirty in our cache
       if (sw.cas(s, word::state(word::gen(s), kFree, 0), std::memory_order_acq_rel)) {
         flush(&sw, 8);
-        ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+        hint_word(shards_.block_shard(i)).fetch_add(1, std::memory_order_relaxed);
         ++rep.blocks_freed;
         break;
       }

@@ -382,7 +382,7 @@ void Pool::transfer_finish(TransferRef t) {
       write_back_block(i);
       if (state(i).cas(s, word::state(g, kFree, 0), std::memory_order_release)) {
         flush(&state(i), 8);
-        ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+        hint_word(shards_.block_shard(i)).fetch_add(1, std::memory_order_relaxed);
       }
       add_counter(kCtrDuplicates, 1);
     }
@@ -438,7 +438,7 @@ void Pool::transfer_abort(TransferRef t) {
     write_back_block(i);
     if (state(i).cas(s, word::state(ch_gen(h), kFree, 0), std::memory_order_release)) {
       flush(&state(i), 8);
-      ctl()->free_hint.value.fetch_add(1, std::memory_order_relaxed);
+      hint_word(shards_.block_shard(i)).fetch_add(1, std::memory_order_relaxed);
     }
   }
 }

@@ -1,4 +1,4 @@
-// Pins the on-media layout of a pool (layout version 2) and the checks that
+// Pins the on-media layout of a pool (layout version 4) and the checks that
 // guard it.
 //
 // Every number below is written out by hand from docs/design/layout.md, not
@@ -23,6 +23,7 @@
 #include "pykvshm/crc32c.h"
 #include "pykvshm/errors.h"
 #include "pykvshm/layout.h"
+#include "pykvshm/shards.h"
 #include "pykvshm/mapping.h"
 #include "pykvshm/pool.h"
 #include "pykvshm/state.h"
@@ -46,7 +47,7 @@ constexpr const char* kBump = "on-media layout changed: bump layout::kLayoutVers
 
 TEST(LayoutPins, Constants) {
   EXPECT_EQ(std::string(kMagic, sizeof kMagic), std::string("PYKVSHM\0", 8)) << kBump;
-  PIN(kLayoutVersion, 3);
+  PIN(kLayoutVersion, 4);
   PIN(kPageBytes, 4096);
   PIN(kDataAlign, 2 * 1024 * 1024);
   PIN(kBlockAlign, 64);
@@ -136,8 +137,12 @@ TEST(LayoutPins, Superblock) {
   // 124 .. 128: four zero bytes
   PIN(offsetof(Superblock, regions), 128);
   PIN(sizeof(Superblock::regions), 8 * 16);
-  PIN(offsetof(Superblock, reserved), 256);
-  PIN(sizeof(Superblock::reserved), 248);
+  PIN(offsetof(Superblock, lock_shards), 256);
+  PIN(offsetof(Superblock, reserved), 264);
+  PIN(sizeof(Superblock::reserved), 240);
+  PIN(sizeof(ShardLock), 2304);
+  PIN(offsetof(ShardLock, lines), 256);
+  PIN(kMaxLockShards, 16);
   PIN(offsetof(Superblock, checksum), 504);
   PIN(sizeof(Superblock::checksum), 8);
 }
@@ -308,14 +313,14 @@ TEST(LayoutPlan, SmallBlocksEightMiB) {
   PIN(p.transfer_max_blocks, 512);
   PIN(p.max_members, 128);
   expect_plan(p, {8192, 16384, 8ull << 20,
-                  {{4096, 4096},         // control
-                   {8192, 32768},        // members: 128 x 256
-                   {40960, 65536},       // states: 8192 x 8
-                   {106496, 524288},     // descriptors: 8192 x 64
-                   {630784, 131072},     // index: 16384 x 8
-                   {761856, 540672},     // transfer: 128 x (128 + 512 x 8)
+                  {{4096, 40960},        // control + lock shard table (16 x 2304)
+                   {45056, 32768},        // members: 128 x 256
+                   {77824, 65536},       // states: 8192 x 8
+                   {143360, 524288},     // descriptors: 8192 x 64
+                   {667648, 131072},     // index: 16384 x 8
+                   {798720, 540672},     // transfer: 128 x (128 + 512 x 8)
                    {2097152, 4194304},   // data: 8192 x 512
-                   {1302528, 524288}}});  // pin records: 65536 x 8, after the transfer channels
+                   {1339392, 524288}}});  // pin records: 65536 x 8, after the transfer channels
 }
 
 // 2 MiB blocks, a capacity that is not a multiple of anything, rounded up to
@@ -328,14 +333,14 @@ TEST(LayoutPlan, LargeBlocksOddCapacity) {
   PIN(p.transfer_max_blocks, 48);  // 47 rounded up to a multiple of 8
   PIN(p.max_members, 4096);
   expect_plan(p, {47, 1024, 48ull * (2ull << 20),
-                  {{4096, 4096},
-                   {8192, 1048576},
-                   {1056768, 384},
-                   {1057152, 3008},
-                   {1060160, 8192},
-                   {1068352, 65536},  // transfer: 128 x (128 + 48 x 8)
+                  {{4096, 40960},
+                   {45056, 1048576},
+                   {1093632, 384},
+                   {1094016, 3008},
+                   {1097024, 8192},
+                   {1105216, 65536},  // transfer: 128 x (128 + 48 x 8)
                    {2097152, 47ull * (2ull << 20)},
-                   {1133888, 65536}}});
+                   {1170752, 65536}}});
 }
 
 TEST(LayoutPlan, MemberTableSizeIsValidated) {
@@ -427,6 +432,37 @@ TEST_F(SuperblockTest, BadMagic) {
   auto zero = good_;
   std::memset(zero.data(), 0, zero.size());
   expect_rejected(zero, file_size_, ErrorCode::kCorrupt, "bad magic");
+}
+
+// The lock shard count is read from shared memory: anything but a power of two the pool
+// allows (1 in a coherent pool, up to max_lock_shards in a noncoherent one) is rejected
+// before it is used to size anything.
+TEST_F(SuperblockTest, LockShards) {
+  ASSERT_EQ(sb(good_)->lock_shards, 1u);  // a coherent pool
+  for (uint32_t bad : {0u, 2u, 3u, 8u, 16u, 0xffffffffu}) {
+    auto img = good_;
+    sb(img)->lock_shards = bad;
+    reseal(img);
+    expect_rejected(img, file_size_, ErrorCode::kCorrupt, "lock shards");
+  }
+  auto nc = good_;
+  sb(nc)->coherence = uint32_t(Coherence::kNoncoherent);
+  const uint32_t most = max_lock_shards(sb(nc)->num_blocks, sb(nc)->index_slots);
+  ASSERT_GE(most, 2u);
+  for (uint32_t ok = 1; ok <= most; ok *= 2) {
+    sb(nc)->lock_shards = ok;
+    reseal(nc);
+    EXPECT_FALSE(validate(nc, file_size_).has_value()) << ok << " shards";
+  }
+  for (uint32_t bad : {0u, 3u, most * 2, 1u << 31}) {
+    sb(nc)->lock_shards = bad;
+    reseal(nc);
+    expect_rejected(nc, file_size_, ErrorCode::kCorrupt, "lock shards");
+  }
+  auto pad = good_;
+  sb(pad)->reserved32 = 1;
+  reseal(pad);
+  expect_rejected(pad, file_size_, ErrorCode::kCorrupt, "reserved");
 }
 
 TEST_F(SuperblockTest, VersionZeroIsInitialising) {

@@ -19,6 +19,7 @@
 #include "pykvshm/layout.h"
 #include "pykvshm/mapping.h"
 #include "pykvshm/pool.h"
+#include "pykvshm/shards.h"
 #include "pykvshm/state.h"
 
 #include "test_support.h"
@@ -76,7 +77,7 @@ class PinsTest : public ::testing::Test {
     name_ = "pykvshm-gt-" + std::to_string(getpid()) + "-" + info->test_suite_name() + "-" + info->name();
     for (char& c : name_)
       if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
-    a_ = Pool::create(name_, kSmall, (2ull << 20) + 64 * kBlockBytes, PoolOptions{});
+    a_ = Pool::create(name_, kSmall, (2ull << 20) + blocks() * kBlockBytes, options());
     raw_.base = a_->base();
     std::vector<uint8_t> src(kBlockBytes, 7);
     auto k = key(1);
@@ -85,9 +86,11 @@ class PinsTest : public ::testing::Test {
     ASSERT_EQ(a_->acquire(k.data(), 1, &h), 1u);
     block_ = word::handle_index(h);
     a_->release(&h, 1);
-    b_ = Pool::open(name_, PoolOptions{});
+    b_ = Pool::open(name_, options());
     bslot_ = b_->member_slot();
   }
+  virtual PoolOptions options() const { return PoolOptions{}; }
+  virtual uint64_t blocks() const { return 64; }
   void TearDown() override {
     b_.reset();
     c_.reset();
@@ -177,7 +180,7 @@ TEST_F(PinsTest, JournalSequenceGoesOnAcrossOccupantsOfASlot) {
   b_->close();  // the unpin of leaving is one more journal entry
   EXPECT_GT(raw_.journal_seq(bslot_), seq);
   const uint32_t after = raw_.journal_seq(bslot_);
-  b_ = Pool::open(name_, PoolOptions{});
+  b_ = Pool::open(name_, options());
   ASSERT_EQ(b_->member_slot(), bslot_);
   b_pins();
   EXPECT_GT(raw_.journal_seq(bslot_), after) << "a new occupant reused a sequence number";
@@ -265,6 +268,89 @@ TEST_F(PinsTest, DiedAfterLoweringTheCountWhoseTagWasThenReplaced) {
   recover_expect(0);
 }
 
+// ---- noncoherent pools with lock shards: a member's journal line has one writer ----
+// There, A (another host, in principle) must not write B's member slot; replacing B's
+// tag finishes B's pin record instead (it is under the block's lock).  The recovery
+// outcome must be the same exact one.
+
+class NoncoherentPinsTest : public PinsTest {
+ protected:
+  PoolOptions options() const override {
+    PoolOptions o;
+    o.coherence = Coherence::kNoncoherent;
+    o.lock_shards = 4;
+    return o;
+  }
+  uint64_t blocks() const override { return 320; }
+  // B's pin record of `block_` where B's journal put it: in the block's shard's part of the region.
+  uint64_t free_record_of_block_shard() const {
+    const uint64_t shards = raw_.sb()->lock_shards, per = raw_.records() / shards;
+    const uint64_t shard = ShardMap::make(raw_.sb()->lock_shards, raw_.sb()->num_blocks, raw_.sb()->index_slots).block_shard(block_);
+    for (uint64_t p = shard * per; p < (shard + 1) * per; ++p)
+      if (raw_.rec(p).load(std::memory_order_acquire) == 0) return p;
+    return ~0ull;
+  }
+  void expect_no_unguarded_write() const {
+    EXPECT_EQ(a_->lock_stats().unguarded_writes, 0u) << "a metadata line was written outside its lock";
+  }
+};
+
+TEST_F(NoncoherentPinsTest, PinsAreCountedAndRecordedUnderShards) {
+  ASSERT_EQ(raw_.sb()->lock_shards, 4u);
+  b_pins();
+  EXPECT_EQ(raw_.count(block_), 1u);
+  b_->close();
+  EXPECT_EQ(raw_.count(block_), 0u);
+  EXPECT_EQ(raw_.records_of(bslot_), 0u);
+  a_->check(true);
+}
+
+TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWhoseTagWasThenReplaced) {
+  const uint64_t q = free_record_of_block_shard();
+  ASSERT_NE(q, ~0ull);
+  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+  const uint64_t journal = word::journal(seq, word::kPinOpPin, q);
+  raw_.member(bslot_).pin_op.store(journal, std::memory_order_release);
+  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  kill(b_);
+  auto k = key(1);
+  uint64_t h = 0;
+  ASSERT_EQ(a_->acquire(k.data(), 1, &h), 1u);
+  EXPECT_EQ(raw_.member(bslot_).pin_op.load(std::memory_order_acquire), journal) << "A wrote B's member slot";
+  EXPECT_EQ(raw_.rec(q).load(std::memory_order_acquire), word::pin_rec(bslot_, block_, true))
+      << "replacing a tag must record in the pin record that the pin landed";
+  expect_no_unguarded_write();
+  recover_expect(1, 1);
+  a_->release(&h, 1);
+  EXPECT_EQ(raw_.count(block_), 0u);
+  expect_no_unguarded_write();
+}
+
+TEST_F(NoncoherentPinsTest, DiedAfterLoweringTheCountWhoseTagWasThenReplaced) {
+  const uint64_t p = b_pins();
+  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+  const uint64_t journal = word::journal(seq, word::kPinOpUnpin, p);
+  raw_.member(bslot_).pin_op.store(journal, std::memory_order_release);
+  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  kill(b_);
+  a_pins_and_unpins();
+  EXPECT_EQ(raw_.member(bslot_).pin_op.load(std::memory_order_acquire), journal) << "A wrote B's member slot";
+  EXPECT_EQ(raw_.rec(p).load(std::memory_order_acquire), 0u) << "the unpin landed, so its record must go";
+  expect_no_unguarded_write();
+  recover_expect(0);
+}
+
+TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWithTheTagInPlace) {
+  const uint64_t q = free_record_of_block_shard();
+  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
+  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  kill(b_);
+  recover_expect(1);
+}
+
 TEST_F(PinsTest, DiedAfterFreeingTheRecord) {
   const uint64_t p = b_pins();
   const uint32_t seq = raw_.journal_seq(bslot_) + 1;
@@ -310,7 +396,7 @@ TEST_F(PinsTest, RecovererDiedMidUnpinIsTakenOverExactly) {
   // record as B and lowers the count, then dies before freeing the record.
   b_->abandon();
   b_.reset();
-  c_ = Pool::open(name_, PoolOptions{});  // B is still alive by pid here, so C recovers nothing
+  c_ = Pool::open(name_, options());  // B is still alive by pid here, so C recovers nothing
   const uint32_t cslot = c_->member_slot();
   const uint32_t cepoch = word::member_epoch(raw_.member(cslot).ctl.load(std::memory_order_acquire));
   const uint64_t bctl = raw_.member(bslot_).ctl.load(std::memory_order_acquire);

@@ -68,38 +68,109 @@ def shm_segments() -> set[str]:
         return set()
 
 
-def _in_use(paths: set[str]) -> set[str]:
-    """The subset of ``paths`` some live process still maps or holds open."""
-    used: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _stat_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _held(pids: list[str]) -> set[tuple[int, int]]:
+    """(device, inode) of every file the processes ``pids`` map or hold a descriptor to.
+
+    By inode, not by name: a POSIX named semaphore (``sem_open``) is mapped under the temporary
+    name glibc created it with (``/dev/shm/sem.XXXXXX (deleted)`` in /proc/PID/maps) and its
+    descriptor is closed, so a name match never sees a live ``sem.mp-*`` semaphore."""
+    held: set[tuple[int, int]] = set()
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as f:
                 maps = f.read()                   # once: a second read() returns ""
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:                           # gone, or not ours to read
             continue
-        used.update(p for p in paths if p in maps)
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:                       # closed since listdir: the others still count
+        for line in maps.splitlines():
+            parts = line.split(maxsplit=5)        # address perms offset dev inode [path]
+            if len(parts) < 6 or parts[4] == "0":
                 continue
-            if target in paths:
-                used.add(target)
-    return used
+            try:
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                held.add((os.makedev(major, minor), int(parts[4])))
+            except ValueError:
+                continue
+        for fd in fds:
+            key = _stat_key(f"/proc/{pid}/fd/{fd}")  # the open file itself, unlinked or not
+            if key is not None:                   # None: closed since listdir; the others still count
+                held.add(key)
+    return held
 
 
-def remove_leaked_segments(before: set[str]) -> list[str]:
-    """Unlink the segments that appeared since ``before`` and no live process uses any more.
+def _pids() -> list[str]:
+    return [p for p in os.listdir("/proc") if p.isdigit()]
 
-    Call after an engine's whole process group is gone; segments of engines still running
-    are mapped by them and stay.
+
+def _in_use(paths: set[str]) -> set[str]:
+    """The subset of ``paths`` some live process still maps or holds open."""
+    held = _held(_pids())
+    return {p for p in paths if (k := _stat_key(p)) is not None and k in held}
+
+
+def _group_and_state(pid: str) -> tuple[int, str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        return int(fields[2]), fields[0]
+    except (IndexError, ValueError):
+        return None
+
+
+def _group_of(pid: str) -> int | None:
+    gs = _group_and_state(pid)
+    return None if gs is None else gs[0]
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (a zombie, dead but not yet reaped by
+    its parent, does not count: it holds no memory and ``kill(0)`` would still find it)."""
+    for pid in _pids():
+        gs = _group_and_state(pid)
+        if gs is not None and gs[0] == pgid and gs[1] not in ("Z", "X"):
+            return True
+    return False
+
+
+def group_segments(pgid: int) -> dict[str, tuple[int, int]]:
+    """The ``psm_*`` segments and ``sem.mp-*`` semaphores in /dev/shm that processes of process
+    group ``pgid`` map or hold open now, with their (device, inode): what a clean-up after that
+    group may remove. Call it while the group is alive, just before killing it."""
+    held = _held([p for p in _pids() if _group_of(p) == pgid])
+    out = {}
+    for n in shm_segments():
+        key = _stat_key(os.path.join(SHM_DIR, n))
+        if key is not None and key in held:
+            out[n] = key
+    return out
+
+
+def remove_leaked_segments(before: set[str], owned: dict[str, tuple[int, int]]) -> list[str]:
+    """Unlink the segments that appeared since ``before``, that this caller's own processes held
+    (``owned``, from ``group_segments`` before the group was killed; the same file, by inode) and
+    that no live process maps or holds open any more.
+
+    Only what the caller owns: on a machine where other sessions start vLLM engines, a segment or
+    semaphore that appeared meanwhile may be theirs (a ``sem.mp-*`` semaphore a spawning engine's
+    child has yet to open by name: unlinking it fails that start with ``FileNotFoundError`` in
+    ``SemLock._rebuild``). Segments of engines still running are mapped by them and stay.
     """
-    new = {os.path.join(SHM_DIR, n) for n in shm_segments() - before}
+    new = {os.path.join(SHM_DIR, n) for n in (shm_segments() - before) & set(owned)}
+    mine = {p for p in new if _stat_key(p) == owned[os.path.basename(p)]}
     removed = []
-    for path in sorted(new - _in_use(new)):
+    for path in sorted(mine - _in_use(mine)):
         try:
             os.unlink(path)
             removed.append(path)
@@ -110,7 +181,8 @@ def remove_leaked_segments(before: set[str]) -> list[str]:
 
 def kill_group(pgid: int, timeout: float = 10.0) -> None:
     """SIGKILL process group ``pgid`` (vLLM's EngineCore and workers outlive their parent) and
-    wait until none of its processes is left."""
+    wait until none of its processes is left running (zombies, left for their parent to reap,
+    do not count)."""
     import signal
     import time
 
@@ -124,4 +196,16 @@ def kill_group(pgid: int, timeout: float = 10.0) -> None:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
             return
+        if not _group_alive(pgid):
+            return
         time.sleep(0.05)
+
+
+def stop_group(pgid: int, before: set[str], owned: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Kill process group ``pgid`` and remove the shared memory it leaked: the segments new since
+    ``before`` that the group held just before it was killed (plus ``owned``, taken earlier by
+    the caller) and that no live process holds now. What the group removed, or what other
+    processes created meanwhile, is left alone."""
+    mine = {**(owned or {}), **group_segments(pgid)}
+    kill_group(pgid)
+    return remove_leaked_segments(before, mine)

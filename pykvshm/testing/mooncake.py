@@ -9,7 +9,8 @@ takes no stored object with it).
         mc.kill_master(); mc.start_master()   # a master failure (objects are forgotten)
 
 Needs the ``mooncake-transfer-engine-non-cuda`` wheel (``pip install 'pykvshm[tier]'``) and
-Debian's ``libibverbs1``; :func:`mooncake_available` says why not where it is missing.
+Debian's ``libibverbs1``; :func:`mooncake_available` says why not where it is missing, and
+:func:`require_mooncake` turns that into a test's skip (or its failure under ``PYKVSHM_REQUIRE_TIER=1``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def mooncake_available() -> tuple[bool, str]:
     if _binary("mooncake_master") is None:
         return False, "the mooncake_master program (mooncake-transfer-engine-non-cuda) is not found"
     return True, ""
+
+
+def require_mooncake() -> None:
+    """For tests: skip (saying why) where Mooncake is missing, or fail when the environment
+    demands the tier's tests run (``PYKVSHM_REQUIRE_TIER=1``, as CI sets it)."""
+    import pytest
+
+    ok, why = mooncake_available()
+    if not ok:
+        if os.environ.get("PYKVSHM_REQUIRE_TIER") == "1":
+            pytest.fail(f"PYKVSHM_REQUIRE_TIER=1 but {why}", pytrace=False)
+        pytest.skip(why)
 
 
 def _binary(name: str) -> str | None:

@@ -144,6 +144,7 @@ def run_torture(
     seed: int = 0,
     coherence: str = "coherent",
     progress: Callable[[TortureReport], None] | None = None,
+    lock_shards: int | None = None,
 ) -> TortureReport:
     """Create pool ``name``, torture it until ``kills`` workers were SIGKILLed, destroy it, report."""
     spec = spec or KVSpec(2, 2, 32, 16, "float16")  # 8 KiB blocks
@@ -152,7 +153,7 @@ def run_torture(
     t0 = time.monotonic()
     wrong = _CTX.RawArray("q", _MAX_WORKERS)
     reads = _CTX.RawArray("q", _MAX_WORKERS)
-    pool = Pool.create(name, spec=spec, capacity=capacity, coherence=coherence)
+    pool = Pool.create(name, spec=spec, capacity=capacity, coherence=coherence, lock_shards=lock_shards)
     try:
         live: list[mp.process.BaseProcess] = []
 
@@ -223,6 +224,9 @@ def _check_round(pool: Pool, spec: KVSpec, prompts: int, blocks: int, rep: Tortu
         pool.check(strict=True)
     except PoolError as e:
         rep.check_failures.append(f"round {rep.rounds}: {e}")
+    unguarded = pool._core.lock_stats().get("unguarded_writes", 0)
+    if unguarded:
+        rep.check_failures.append(f"round {rep.rounds}: {unguarded} metadata writes outside their lock")
     for prompt in range(prompts):
         keys = _prompt_keys(spec, prompt, blocks)
         with pool.acquire(keys) as lease:

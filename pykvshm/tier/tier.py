@@ -24,6 +24,8 @@ from .store import MooncakeStore
 if TYPE_CHECKING:
     from ..pool import Pool
 
+# The tier counters also kept in the pool (the keywords of the core's add_tier_counts).
+_POOL_COUNTERS = ("demoted", "promoted", "integrity_failures")
 _COUNTERS = ("demoted", "demote_skipped", "demote_failed", "promoted", "promote_misses", "integrity_failures",
              "promote_errors", "lookups")
 _RECENT_S = 2.0
@@ -96,6 +98,15 @@ class Tier:
         if n:
             with self._count_lock:
                 self._counts[name] += n
+            if name in _POOL_COUNTERS:
+                # Also in the pool's own counters (this member's slot), where `pykvshm exporter`
+                # reads them from a read-only attach, summed over every tier client of the pool.
+                counts = dict.fromkeys(_POOL_COUNTERS, 0)
+                counts[name] = n
+                try:
+                    self._pool._writable("tier").add_tier_counts(**counts)
+                except PoolClosedError:
+                    pass  # the pool was closed under a finishing batch: its local count stays
 
     def stats(self) -> dict[str, int]:
         with self._count_lock:

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "transformers: prefill/decode workers on transformers with pykvshm's transports; "
                         "auto: vllm when its environment exists")
     p.add_argument("--vllm-python", default=None, help="Python of the vLLM environment (default: found automatically)")
-    p.add_argument("--requests", type=int, default=None, help="number of requests in the workload (pd: 24; rag: 32)")
+    p.add_argument("--requests", type=int, default=None, help="number of requests in the workload (pd: 24; rag: 48)")
     p.add_argument("--prompt-tokens", type=int, default=384, help="mean prompt length")
     p.add_argument("--shared-prefix", type=int, default=256, help="tokens of the shared system prompt")
     p.add_argument("--shared-fraction", type=float, default=0.5, help="fraction of requests that share it")
@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--document-tokens", type=int, default=None, help="rag: tokens per document")
     w.add_argument("--question-tokens", type=int, default=None, help="rag: tokens per question")
     w.add_argument("--kv-blocks", type=int, default=None,
-                   help="cap each server's own KV cache at this many blocks (--num-gpu-blocks-override)")
+                   help="cap each server's own KV cache at this many blocks (--num-gpu-blocks-override; "
+                        "default: rag 128, a third of its corpus; multiturn: what --kv-cache-gib holds)")
     w.add_argument("--keep-logs", action="store_true", help="copy the servers' and the client's logs into --out")
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+from ..integrations.vllm_env import group_segments, shm_segments, stop_group
 
 
 class EngineError(RuntimeError):
@@ -85,6 +85,7 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the engine to finish and exit; then kill its whole process group (EngineCore too)."""
+        owned = group_segments(self._proc.pid)  # what it holds now, in case it dies before the kill
         try:
             with self._lock:
                 if self._proc.poll() is None and self._proc.stdin is not None:
@@ -105,10 +106,9 @@ class Engine:
                 self._proc.wait(timeout=10)  # let it exit on its own: vLLM cleans up its shared memory
             except subprocess.TimeoutExpired:
                 pass
-            kill_group(self._proc.pid)  # EngineCore and workers outlive their parent
+            stop_group(self._proc.pid, self._shm_before, owned)  # EngineCore and workers outlive their parent
             self._proc.wait()
             self._log.close()
-            remove_leaked_segments(self._shm_before)
             try:
                 os.unlink(self._config_path)
             except OSError:

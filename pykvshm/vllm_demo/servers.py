@@ -23,11 +23,16 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ..integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+from ..integrations.vllm_env import shm_segments, stop_group
 
 
 class ServerError(RuntimeError):
-    pass
+    """A server (or the client) failed; ``shm_race``: it died because a /dev/shm semaphore or segment it was
+    opening by name had been removed by another process (not the alternative's own error)."""
+
+    def __init__(self, msg: str, shm_race: bool = False) -> None:
+        super().__init__(msg)
+        self.shm_race = shm_race
 
 
 _ROOT_CAUSE = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$")
@@ -41,6 +46,18 @@ def root_cause(text: str) -> str:
         if m and "WARNING" not in line and "Engine core initialization failed" not in line:
             return f"{m.group(1)}: {m.group(2).strip()}"
     return ""
+
+
+def shm_race(text: str) -> bool:
+    """Whether a log shows a process dying because a multiprocessing semaphore or shared memory segment it
+    opened by name was gone (``FileNotFoundError`` raised from ``SemLock._rebuild`` or ``shm_open``): on a
+    machine shared with other sessions, another process's clean-up removed it while this one started."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("FileNotFoundError") and any(
+                "SemLock._rebuild" in p or "shm_open(" in p for p in lines[max(0, i - 4):i]):
+            return True
+    return False
 
 
 DEGRADED = "System will operate in degraded mode"  # LMCache when its engine cannot start: it recomputes
@@ -104,13 +121,12 @@ class Server:
             return ""
 
     def stop(self) -> None:
-        kill_group(self._proc.pid)
+        stop_group(self._proc.pid, self._shm_before)  # and only the shared memory its processes held
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         self._log.close()
-        remove_leaked_segments(self._shm_before)
 
 
 def wait_healthy(servers: list[Server], timeout: float) -> None:
@@ -121,9 +137,12 @@ def wait_healthy(servers: list[Server], timeout: float) -> None:
         for s in list(pending):
             if not s.alive():
                 with open(s.log_path, errors="replace") as f:
-                    cause = root_cause(f.read())
-                raise ServerError(f"server {s.name} exited while starting: {cause or 'see its log'}; "
-                                  f"end of {s.log_path}:\n{s.log_tail()}")
+                    text = f.read()
+                race = shm_race(text)
+                why = ("a /dev/shm semaphore or segment it opened by name was removed by another process while it "
+                       "started (not this alternative's own error): ") if race else ""
+                raise ServerError(f"server {s.name} exited while starting: {why}{root_cause(text) or 'see its log'}; "
+                                  f"end of {s.log_path}:\n{s.log_tail()}", shm_race=race)
             if s.healthy():
                 with open(s.log_path, errors="replace") as f:
                     text = f.read()

@@ -59,7 +59,9 @@ def test_lock_holder_killed_is_taken_over_by_the_next_process(nc_pool: pykvshm.P
     p.join(10)
     _finishes_within(lambda: nc_pool.alloc(1), 10.0)
     after = nc_pool._core.lock_stats()
-    assert after["takeovers"] == before["takeovers"] + 1
+    # The pool-wide lock or, with lock shards, the shard alloc() needed (the holder held them all).
+    took = (after["takeovers"] + after["shard_takeovers"]) - (before["takeovers"] + before["shard_takeovers"])
+    assert took >= 1
     r = nc_pool.recover()
     assert r["members_recovered"] == 1 and r["blocks_freed"] == 3
     nc_pool.check()

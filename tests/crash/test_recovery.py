@@ -16,19 +16,25 @@ from pykvshm import _core, errors
 from pykvshm.testing import blocks_for_keys
 
 CTX = mp.get_context("fork")
-MEMBERS_OFF = _core.layout_info()["page_bytes"] * 2  # superblock page, control page, then the member table
 SLOT = _core.layout_info()["sizeof_member_slot"]
+_REGIONS = _core.layout_info()["offsets"]["superblock.regions"]
+
+
+def _members_off(f) -> int:
+    """The member table's offset, from the superblock's region table (region 1)."""
+    f.seek(_REGIONS + 16 * 1)
+    return int(struct.unpack("<Q", f.read(8))[0])
 
 
 def _member_word(path: str, slot: int, field_off: int) -> int:
     with open(path, "rb") as f:
-        f.seek(MEMBERS_OFF + slot * SLOT + field_off)
+        f.seek(_members_off(f) + slot * SLOT + field_off)
         return struct.unpack("<Q", f.read(8))[0]
 
 
 def _set_member_word(path: str, slot: int, field_off: int, value: int) -> None:
     with open(path, "r+b") as f:
-        f.seek(MEMBERS_OFF + slot * SLOT + field_off)
+        f.seek(_members_off(f) + slot * SLOT + field_off)
         f.write(struct.pack("<Q", value))
 
 

@@ -182,6 +182,56 @@ def test_asynchronous_loads_are_token_identical_and_survive_an_eviction_race(vll
         pool.check()
 
 
+def test_a_prefix_computed_behind_another_pool_is_promoted_from_the_store_and_loaded(
+        vllm_python, tiny_llama, pool_name, pool_name_b, mooncake_store):
+    """The cluster tier (issue #16) between two racks: engine A on pool A computes the prompts and
+    their blocks are demoted to a Mooncake Store; engine B on pool B (another rack, the same store)
+    gets the same prompts, promotes their blocks from the store into pool B and loads them instead
+    of recomputing them."""
+    rng = random.Random(2016)
+    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (200, 233, 266)]
+    full = [(len(p) - 1) // BS * BS for p in prompts]  # what the connector may grant
+    n_blocks = sum(len(p) // BS for p in prompts)  # what engine A saves: the same here (none fills in decode)
+    assert sum(full) // BS == n_blocks
+    reference = V.hf_generate(tiny_llama, prompts, max_new_tokens=16)  # no connector, no vLLM
+    url = mooncake_store.url()
+
+    # Rack A: engine A (its connector has the tier, whose store is still empty) computes the prompts.
+    a = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}],
+                     _kvt("kv_both", pool_name, capacity="64MiB", tier=url), metrics=True)
+    assert a["batches"][0]["num_cached_tokens"] == [0, 0, 0]
+    assert a["batches"][0]["tokens"] == reference
+    assert a["batches"][0]["metrics"]["vllm:pykvshm_tier_promoted_blocks_total"] == 0
+    # Its pool's next eviction victims (every block sealed, none in use) go to the store: what the
+    # demoter does ahead of eviction when the pool runs short, done here at once.
+    with pykvshm.Pool.open(pool_name) as pool_a, pool_a.tier(url, demoter=False) as tier_a:
+        assert pool_a.stats()["sealed"] == n_blocks
+        tier_a.demote(pool_a.stats()["total"])
+        st = tier_a.stats()
+        assert st["demoted"] == n_blocks and st["demote_failed"] == 0, st
+        assert pool_a.stats()["pinned"] == 0
+        pool_a.check(strict=True)
+
+    # Rack B: engine B on another pool, the same store.  Its requests wait (tier_wait) while their
+    # blocks are promoted, then load them.
+    b = V.run_engine(tiny_llama, [{"prompts": prompts, "max_tokens": 16}],
+                     _kvt("kv_both", pool_name_b, capacity="64MiB", tier=url, tier_wait=30), metrics=True)
+    hit = b["batches"][0]
+    assert hit["num_cached_tokens"] == full  # loaded, not recomputed
+    assert hit["tokens"] == reference
+    m = hit["metrics"]
+    assert m["vllm:pykvshm_tier_promoted_blocks_total"] == sum(full) // BS
+    assert m["vllm:pykvshm_tier_promote_misses_total"] == 0
+    assert m["vllm:pykvshm_tier_integrity_failures_total"] == 0
+    assert m["vllm:pykvshm_hit_tokens_total"] == sum(full)
+    assert m["vllm:pykvshm_load_blocks_total"] == sum(full) // BS
+    assert m["vllm:pykvshm_load_failed_blocks_total"] == 0
+    assert m["vllm:pykvshm_save_blocks_total"] == 0  # nothing computed that the pool lacks
+    with pykvshm.Pool.open(pool_name_b) as pool_b:
+        assert pool_b.stats()["sealed"] == n_blocks and pool_b.stats()["pinned"] == 0
+        pool_b.check(strict=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PYKVSHM_VLLM_TP") != "1",
                     reason="two TP=2 engines take ~5 min on a 2-core machine; set PYKVSHM_VLLM_TP=1")
@@ -232,7 +282,7 @@ def test_vllm_serve_metrics_endpoint_shows_the_connector_counters(vllm_python, t
     import time
     import urllib.request
 
-    from pykvshm.integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+    from pykvshm.integrations.vllm_env import shm_segments, stop_group
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -260,10 +310,9 @@ def test_vllm_serve_metrics_endpoint_shows_the_connector_counters(vllm_python, t
         urllib.request.urlopen(req, timeout=120).read()
         text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     finally:
-        kill_group(proc.pid)
+        stop_group(proc.pid, shm_before)
         proc.wait()
         log.close()
-        remove_leaked_segments(shm_before)
     samples = {}
     for line in text.splitlines():
         if line.startswith("vllm:pykvshm_") and "_total{" in line:

@@ -59,7 +59,7 @@ def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, s
     exe = vllm_python()
     if exe is None:
         raise RuntimeError("no vLLM environment: run scripts/setup_vllm_env.sh")
-    from pykvshm.integrations.vllm_env import kill_group, remove_leaked_segments, shm_segments
+    from pykvshm.integrations.vllm_env import shm_segments, stop_group
 
     shm_before = shm_segments()
     with tempfile.TemporaryDirectory(prefix="pykvshm-vllm-job-") as d:
@@ -76,9 +76,8 @@ def _run_job(command: str, job: dict[str, Any], timeout: float, env: dict[str, s
             except subprocess.TimeoutExpired:
                 rc = None
             finally:
-                kill_group(proc.pid)
+                stop_group(proc.pid, shm_before)
                 proc.wait()
-                remove_leaked_segments(shm_before)
         tail = Path(log_path).read_text(errors="replace")[-6000:]
         if rc != 0 or not os.path.exists(out_path):
             why = "timed out" if rc is None else f"exit code {rc}"

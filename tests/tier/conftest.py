@@ -4,22 +4,13 @@ Mooncake client cannot be imported.  CI installs it (the ``tier`` extra) and req
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pykvshm.testing.mooncake import MooncakeCluster, mooncake_available
-
-_OK, _WHY = mooncake_available()
-
-
-def need_mooncake() -> None:
-    if not _OK:
-        if os.environ.get("PYKVSHM_REQUIRE_TIER") == "1":
-            pytest.fail(f"PYKVSHM_REQUIRE_TIER=1 but {_WHY}")
-        pytest.skip(_WHY)
+from pykvshm.testing.mooncake import MooncakeCluster
+from pykvshm.testing.mooncake import require_mooncake as need_mooncake
 
 
 @pytest.fixture(scope="module")

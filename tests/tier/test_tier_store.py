@@ -58,6 +58,10 @@ def test_a_prefix_demoted_by_one_pool_is_promoted_bit_exact_into_another(store: 
         assert np.array_equal(_read(b, keys).view(np.uint16), data.view(np.uint16))
         assert tb.stats()["promoted"] == 12 and tb.stats()["integrity_failures"] == 0
         b.check(strict=True)
+        # The pools count them too, where a read-only attach (the exporter) reads them.
+        assert a.stats()["tier_demoted"] == 12 and b.stats()["tier_demoted"] == 0
+        with pykvshm.Pool.open(b.name, read_only=True) as monitor:
+            assert monitor.stats()["tier_promoted"] == 12 and monitor.stats()["tier_integrity_failures"] == 0
         # A hit never reaches the store: with every key in the pool, no store read happens even
         # when the store's copy is gone.
         store_client = MooncakeStore(parse_url(store.url()))
@@ -105,7 +109,7 @@ def test_a_corrupted_or_misfiled_store_value_is_refused_and_counted(store: Moonc
             ta.forget()
             ta.demote_keys(keys[2:3])  # block 2 repaired
             assert tb.promote(keys) == 3
-            assert tb.stats()["integrity_failures"] == 2
+            assert tb.stats()["integrity_failures"] == 2 and b.stats()["tier_integrity_failures"] == 2
             assert [verify_block(x, k) for x, k in zip(_read(b, keys), keys)] == [True] * 3
             b.check(strict=True)
     finally:

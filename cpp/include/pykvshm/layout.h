@@ -1,4 +1,4 @@
-// On-media layout of a pykvshm pool, layout version 3.
+// On-media layout of a pykvshm pool, layout version 4.
 //
 // Everything here is addressed by byte offset from the start of the mapping or by
 // block index; nothing stores a pointer.  docs/design/layout.md draws the picture;
@@ -6,8 +6,9 @@
 // a change here without a version bump fails CI with "bump the layout version".
 //
 //   0        Superblock            (4 KiB page, read-mostly, checksummed)
-//   4 KiB    Control               (4 KiB: hot shared counters, one per 128-byte pair of lines)
-//   8 KiB    Member table          (max_members x 256 B, sized at creation)
+//   4 KiB    Control               (4 KiB: hot shared counters, one per 128-byte pair of lines),
+//            then the ShardTable   (noncoherent lock shards: kMaxLockShards x 2304 B)
+//   then     Member table          (max_members x 256 B, sized at creation)
 //   ...      Block states          (num_blocks x 8 B, dense so allocation scans are cheap)
 //   ...      Block descriptors     (num_blocks x 64 B: pin count, key, checksum)
 //   ...      Prefix index          (index_slots x 8 B, open addressing)
@@ -24,9 +25,10 @@
 namespace pykvshm::layout {
 
 inline constexpr char kMagic[8] = {'P', 'Y', 'K', 'V', 'S', 'H', 'M', '\0'};
-// 2: HostLine hold_ns / hold_lease_ns (holder lease).  3: member table sized at
-// creation (max_members), pin count + pin records + pin journal instead of pin masks.
-inline constexpr uint32_t kLayoutVersion = 3;
+// 2: HostLine hold_ns / hold_lease_ns (holder lease).  3: member table sized at creation
+// (max_members), pin count + pin records + pin journal instead of pin masks.  4: lock shards
+// (Superblock::lock_shards, the shard lock table after the control page, pin records per shard).
+inline constexpr uint32_t kLayoutVersion = 4;
 inline constexpr uint64_t kPageBytes = 4096;
 inline constexpr uint64_t kDataAlign = 2ull << 20;  // 2 MiB: huge pages, device DAX, DMA
 inline constexpr uint64_t kBlockAlign = 64;         // every block starts on a cache line
@@ -90,7 +92,9 @@ struct Superblock {
   uint32_t index_probe_limit;    // 120
   uint32_t transfer_max_blocks;  // 124 handles per transfer channel
   RegionDesc regions[kRegionCount];  // 128 .. 256
-  uint8_t reserved[248];         // 256 .. 504, zero
+  uint32_t lock_shards;          // 256 noncoherent lock shards (power of two, 1 = one pool-wide lock); 1 if coherent
+  uint32_t reserved32;           // 260 zero
+  uint8_t reserved[240];         // 264 .. 504, zero
   uint64_t checksum;             // 504 crc32c of bytes [0,8) and [12,504)
 };
 static_assert(sizeof(Superblock) == 512);
@@ -102,6 +106,7 @@ static_assert(offsetof(Superblock, geometry) == 64);
 static_assert(offsetof(Superblock, num_blocks) == 104);
 static_assert(offsetof(Superblock, index_slots) == 112);
 static_assert(offsetof(Superblock, regions) == 128);
+static_assert(offsetof(Superblock, lock_shards) == 256);
 static_assert(offsetof(Superblock, checksum) == 504);
 
 // Hot shared words, each alone on a 128-byte (two cache line) stride.
@@ -125,6 +130,10 @@ enum Counter : uint32_t {
   kCtrChecksumErrors,  // blocks whose bytes did not match their checksum on acquire
   kCtrAllocs,          // blocks allocated (free or evicted)
   kCtrPinsRefused,     // pins refused because no pin record was free near the member's hash (a miss)
+  kCtrLockWaits,       // noncoherent lock acquisitions (pool-wide or one shard) that found the lock held
+  kCtrTierDemoted,     // blocks the cluster tier stored in its store (pykvshm.tier, via add_tier_counts)
+  kCtrTierPromoted,    // blocks the cluster tier promoted from its store into the pool
+  kCtrTierIntegrity,   // blocks the cluster tier fetched and refused (key, geometry or checksum mismatch)
   kCounterCount = 16,
 };
 
@@ -180,6 +189,27 @@ static_assert(sizeof(Control) == kPageBytes);
 static_assert(offsetof(Control, retired) == 1024);
 static_assert(offsetof(Control, join) == 1152);
 static_assert(offsetof(Control, hosts) == 1280);
+
+// Lock shards of a noncoherent pool (docs/design/coherence.md, "Lock shards").  With
+// Superblock::lock_shards = S > 1 (S <= kMaxLockShards / 2), block range s is guarded by
+// entry s's own bakery (its `lines`, one per host line of Control::hosts, which keep the
+// host identity and heartbeat), and the prefix index by entry S's; members, channels and
+// the control page stay under the pool-wide lock of Control::hosts.  Entry s < S also
+// keeps the free hint and the CLOCK hand of its block range.  S = 1: none of this is used.
+inline constexpr uint32_t kMaxLockShards = 16;
+
+struct alignas(128) ShardLock {
+  PaddedWord free_hint;          // 0    FREE blocks of the shard's range (a hint)
+  PaddedWord clock_hand;         // 128  CLOCK hand over the shard's range
+  HostLine lines[kLockHosts];    // 256  the shard's bakery: line j belongs to the host of Control::hosts[j]
+};
+static_assert(sizeof(ShardLock) == 256 + kLockHosts * 128);
+static_assert(offsetof(ShardLock, lines) == 256);
+
+struct ShardTable {
+  ShardLock shards[kMaxLockShards];
+};
+static_assert(sizeof(ShardTable) == kMaxLockShards * 2304);
 
 // Member slot: one per attached pool handle.
 //   ctl = status:2 | epoch:30 | payload:32

@@ -23,6 +23,7 @@
 #include "pykvshm/host_lock.h"
 #include "pykvshm/layout.h"
 #include "pykvshm/mapping.h"
+#include "pykvshm/shards.h"
 #include "pykvshm/state.h"
 #include "pykvshm/visibility.h"
 
@@ -40,6 +41,9 @@ struct PoolOptions {
   uint32_t max_members = layout::kDefaultMaxMembers;  // create only: member slots (one is the spare)
   uint64_t host_id = 0;          // 0: derive from boot id + pid namespace
   uint64_t lease_ns = 10'000'000'000ull;  // members of other hosts are dead after this silence
+  // Create only, noncoherent pools: lock shards (a power of two up to max_lock_shards();
+  // 1 = one pool-wide lock; 0 = automatic: up to 8, fewer in small pools).  Coherent: 1.
+  uint32_t lock_shards = 0;
   unsigned copy_threads = 1;                    // the copy engine's threads (process-local)
   CopyKernel copy_kernel = CopyKernel::kAuto;   // the copy engine's kernel (process-local)
 };
@@ -61,6 +65,10 @@ struct LockStats {  // this handle's use of the noncoherent lock (all zero in a 
   uint64_t takeovers = 0;      // acquisitions that took over from a dead process of this host
   uint64_t hosts_skipped = 0;  // times a host with a stale heartbeat was passed over
   uint32_t host_line = 0;      // this host's line in the lock table
+  uint32_t lock_shards = 1;    // the pool's lock shards (1: one pool-wide lock)
+  uint64_t shard_acquisitions = 0;  // outermost acquisitions of one lock shard alone
+  uint64_t shard_takeovers = 0;     // lock shard words taken over from a dead or silent holder
+  uint64_t unguarded_writes = 0;    // metadata lines written back without holding their lock (a bug if > 0)
 };
 
 struct MemberInfo {
@@ -179,6 +187,7 @@ class Pool {
   const std::string& path() const { return map_.path(); }
   const Mapping& mapping() const { return map_; }  // backend and placement
   layout::Coherence coherence() const { return coherence_; }
+  uint32_t lock_shards() const { return shards_.shards; }
   bool block_checksums() const { return checksums_; }
   uint32_t max_members() const { return max_members_; }
   uint32_t member_slot() const { return slot_; }
@@ -304,6 +313,60 @@ class Pool {
   };
   bool enter_exclusive() const;
   void leave_exclusive() const noexcept;
+  // Noncoherent pools with lock shards: the lock of block shard s < S, or (s == S,
+  // shards_.index_lock()) the index's lock.  Holds nest: inside an Exclusive it does
+  // nothing; a block shard, then the index lock, may be held together; anything else
+  // out of that order throws.  In a pool with one lock it is an Exclusive.  Index reads
+  // (lookup) need no lock: they are validated, and a pin re-checks under the block's.
+  uint32_t index_lock_id() const { return shards_.index_lock(); }
+  class ShardHold {
+   public:
+    ShardHold(const Pool* p, uint32_t s) : p_(p), s_(s) {
+      if (p->sharded()) {
+        held_ = p->enter_shard(s);
+        shard_ = true;
+      } else {
+        held_ = p->enter_exclusive();
+      }
+    }
+    ~ShardHold() {
+      if (held_) shard_ ? p_->leave_shard(s_) : p_->leave_exclusive();
+    }
+    ShardHold(const ShardHold&) = delete;
+    ShardHold& operator=(const ShardHold&) = delete;
+
+   private:
+    const Pool* p_;
+    uint32_t s_;
+    bool held_ = false, shard_ = false;
+  };
+  bool enter_shard(uint32_t s) const;
+  void leave_shard(uint32_t s) const noexcept;
+  bool sharded() const { return noncoherent() && shards_.shards > 1; }
+  // The lock that guards the metadata line at p if this thread holds it, else nullptr.
+  HostLock* guarding_lock(const void* p) const noexcept;
+  int32_t line_shard(const void* p) const noexcept;  // -1: the pool-wide lock's (or not metadata)
+  layout::ShardLock& shard_words(uint32_t s) const {
+    return reinterpret_cast<layout::ShardTable*>(map_.base() + ctl_off_ + sizeof(layout::Control))->shards[s];
+  }
+  Atomic64& hint_word(uint32_t s) const;   // FREE-block hint of data shard s (the pool's, unsharded)
+  Atomic64& clock_word(uint32_t s) const;  // CLOCK hand of data shard s
+  uint32_t home_shard() const noexcept { return shards_.shards > 1 ? slot_ % shards_.shards : 0; }
+  size_t alloc_in_shard(uint32_t s, size_t want, bool evict, uint64_t* out, size_t have);
+  bool shard_pass(uint32_t s, int pass) const;  // whether allocation pass 0 / 1 visits shard s
+  [[noreturn]] void raise_full(size_t n, bool evict, const std::string& where);
+  // Sharded versions of the hot entry points: one hold per shard the call touches.
+  void alloc_sharded(size_t n, bool evict, uint64_t* out);
+  void free_sharded(const uint64_t* handles, size_t n);
+  size_t match_sharded(const uint8_t* keys, size_t n);
+  size_t reserve_sharded(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles);
+  void commit_sharded(const uint64_t* handles, size_t n);
+  void abort_sharded(const uint64_t* handles, size_t n);
+  size_t acquire_sharded(const uint8_t* keys, size_t n, uint64_t* out);
+  void release_sharded(const uint64_t* handles, size_t n);
+  size_t acquire_finish(const uint8_t* keys, size_t n, uint64_t* out, size_t got);
+  // Positions 0..n-1 grouped by shard (ascending), each group in its original order.
+  std::vector<std::pair<uint32_t, std::vector<size_t>>> group_by_shard(const std::vector<uint32_t>& shard_of) const;
   void write_back_metadata() const noexcept;  // after taking over from a dead holder of this host
   bool noncoherent() const { return coherence_ == layout::Coherence::kNoncoherent; }
   // Before a block we wrote changes hands: write its bytes back, so that dirty
@@ -335,9 +398,16 @@ class Pool {
   // their pins dropped.
   void release_members(const std::vector<bool>& mask, RecoveryReport& rep);
   // Pins (recovery.md, "Pins").  change_pins adds `delta` to block i's pin count with
-  // the tag (slot, seq), first marking landed the journal entry the old tag names.
+  // the tag (slot, seq), first recording that the change the old tag names landed: in
+  // its member's journal (coherent), or in its pin record (noncoherent: the record is
+  // under the block's lock, the journal is not).
   void change_pins(uint64_t i, int delta, uint32_t slot, uint32_t seq);
-  void help_landed(uint64_t pins_word);
+  void help_landed(uint64_t block, uint64_t pins_word);
+  void seal(uint64_t handle);
+  void free_written(uint64_t handle);  // free's step for one checked block of ours (under its lock)
+  // release's checks (caller holds pin_mu_); false: no longer a member, pins forgotten locally.
+  bool check_release(const uint64_t* handles, size_t n);  // commit's step for one checked block of ours (under its lock)
+  void note_lock_wait(const HostLock& l) const noexcept;  // counts kCtrLockWaits after a lock() that waited
   uint32_t next_pin_seq(uint32_t slot);  // the slot's journal sequence number after the last one
   // Recovery of slot s's pins (s dead and claimed by us, or s == slot_ leaving):
   // finish its journal entry, then release every record it holds.
@@ -346,8 +416,8 @@ class Pool {
   void unpin_record(uint32_t s, uint64_t pos, uint64_t rec);
   void retire_counters(uint32_t slot);
   void leave_pool();                    // close(): give everything back, free the slot  // fold a member's counters into the retired totals
-  uint64_t scan_claim_free(size_t want, uint64_t* out, size_t have);
-  uint64_t scan_evict(size_t want, uint64_t* out, size_t have);
+  uint64_t scan_claim_free(uint32_t s, size_t want, uint64_t* out, size_t have);
+  uint64_t scan_evict(uint32_t s, size_t want, uint64_t* out, size_t have);
   bool try_claim(uint64_t index, uint64_t* handle_out);
   bool try_evict(uint64_t index, uint64_t* handle_out);
   void release_claims(const uint64_t* handles, size_t n);
@@ -397,6 +467,8 @@ class Pool {
     fresh(d, sizeof(layout::BlockDesc));
     return *d;
   }
+  // Pin records per block shard (npins_ and the shard count are powers of two, npins_ >= 1024).
+  uint64_t pins_per_shard() const noexcept { return npins_ / shards_.shards; }
   Atomic64& pin_record(uint64_t pos) const {
     auto* r = reinterpret_cast<Atomic64*>(map_.base() + pins_off_) + pos;
     fresh(r, 8);
@@ -456,6 +528,12 @@ class Pool {
   mutable std::recursive_mutex lock_mu_;
   mutable uint32_t lock_depth_ = 0;
   mutable HostLock lock_;
+  ShardMap shards_;
+  std::unique_ptr<HostLock[]> shard_locks_;  // sharded pools: one per block shard, then the index's
+  mutable int32_t held_shard_ = -1;          // the data shard held alone (-1: none)
+  mutable uint32_t shard_depth_ = 0, index_depth_ = 0;
+  mutable uint64_t shard_acquisitions_ = 0;
+  mutable std::atomic<uint64_t> unguarded_writes_{0};
   // Set when this handle found it lost the lock inside an operation: it is no
   // longer a usable member (ensure_usable raises kMemberLost); close() still leaves.
   mutable std::atomic<bool> fenced_{false};

@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import ConnectorConfig, request_keys
 from .metadata import BlockTransfer, PykvshmMetadata
-from .stats import PykvshmStats
+from .stats import TIER_COUNTERS, PykvshmStats
 
 
 @dataclass
@@ -39,9 +39,11 @@ class SchedulerSide:
         self._reqs: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}  # req id -> external tokens granted this step
         self._tier_deadline: dict[str, float] = {}  # req id -> until when it may wait for a promotion
+        self._tier_asked: dict[str, int] = {}  # req id -> blocks its promotion was started for
         self._asked: dict[str, int] = {}          # req id -> tokens computed locally when it was matched
         self._async_blocks: dict[str, list[int]] = {}  # req id -> engine blocks allocated for a pending load
         self.stats = PykvshmStats()
+        self._tier_reported: dict[str, int] = {}  # the tier's counts at the last stats report
 
     # ---- keys ----
     def _keys(self, t: _Tracked) -> list[list[bytes]]:
@@ -88,7 +90,13 @@ class SchedulerSide:
         rid = request.request_id
         if self.tier is not None and hit < limit:
             tier_keys = [k[:limit] for k in keys]
-            hit = self.tier.extend_hit(tier_keys, hit, 0.0)  # starts (once) a promotion of what the store has
+            if self._tier_asked.get(rid, 0) < limit:
+                # One promotion per request (and again only if it grew, e.g. preempted after decoding):
+                # once it has landed, the pool match above sees what it brought.  Starting another at
+                # every ask would keep a prefix the store covers only in part "in flight", and the
+                # request held back, until tier_wait ran out.
+                self._tier_asked[rid] = limit
+                hit = self.tier.extend_hit(tier_keys, hit, 0.0)  # starts a promotion of what the store has
             if hit < limit and self.cfg.tier_wait > 0 and self.tier.promoting(tier_keys):
                 # Hold the request back (vLLM asks again next step) rather than block the scheduler,
                 # for at most tier_wait seconds from the first time it was asked.
@@ -204,10 +212,17 @@ class SchedulerSide:
         self._pending_loads.pop(rid, None)
         self._asked.pop(rid, None)
         self._tier_deadline.pop(rid, None)
+        self._tier_asked.pop(rid, None)
         # A request aborted while its asynchronous load is still copying into its engine blocks
         # keeps them: vLLM itself delays freeing a WAITING_FOR_REMOTE_KVS request's blocks until
         # the workers report its load finished (which they do, finished or not).
         return False, None
 
     def get_kv_connector_stats(self) -> PykvshmStats | None:
+        if self.tier is not None:
+            # The tier's threads keep cumulative counts; report what they added since last time.
+            now = self.tier.stats()
+            for key, ours in TIER_COUNTERS.items():
+                self.stats.add(ours, now[key] - self._tier_reported.get(key, 0))
+            self._tier_reported = now
         return self.stats.take()

@@ -15,7 +15,12 @@ Counting rules (what each counter means when several ranks add theirs):
   ``save_skipped_blocks`` are engine blocks, counted by tensor-parallel rank 0 only (every rank
   moves its shard of the same blocks); ``load_bytes``, ``save_bytes`` are every rank's shards
   summed (what crossed the pool); ``load_seconds``, ``save_seconds`` are the connector's time on
-  the forward thread, summed over ranks.
+  the forward thread, summed over ranks;
+- scheduler, with the cluster tier: ``tier_promoted_blocks``, ``tier_demoted_blocks``,
+  ``tier_demote_failed_blocks`` are pool blocks (at TP > 1 each rank's shard is a pool block of its
+  own, so they count every rank's), ``tier_promote_misses`` and ``tier_integrity_failures`` count
+  promotions that stopped at a missing or a refused value (pykvshm.tier.Tier.stats).  They are
+  reported at the next scheduler step after the tier's threads counted them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,26 @@ COUNTERS: dict[str, tuple[str, str]] = {
                             "Engine blocks not saved (pool full, failed load, aborted writer)"),
     "save_bytes": ("vllm:pykvshm_save_bytes", "Bytes published into the pykvshm pool, all ranks"),
     "save_seconds": ("vllm:pykvshm_save_seconds", "Seconds the forward thread spent on saves"),
+    # The cluster tier (kv_connector_extra_config["tier"]), counted by the scheduler's tier client.
+    "tier_promoted_blocks": ("vllm:pykvshm_tier_promoted_blocks",
+                             "Pool blocks the cluster tier promoted from the store into the pool, all ranks"),
+    "tier_promote_misses": ("vllm:pykvshm_tier_promote_misses",
+                            "Promotions that stopped at a block the store did not have"),
+    "tier_integrity_failures": ("vllm:pykvshm_tier_integrity_failures",
+                                "Store values refused by the cluster tier's checks (header, key, CRC32C)"),
+    "tier_demoted_blocks": ("vllm:pykvshm_tier_demoted_blocks",
+                            "Pool blocks the cluster tier's demoter copied into the store"),
+    "tier_demote_failed_blocks": ("vllm:pykvshm_tier_demote_failed_blocks",
+                                  "Pool blocks whose demotion to the store failed"),
+}
+
+# Tier.stats() key -> our key (the scheduler reports what its tier client counted since its last report).
+TIER_COUNTERS: dict[str, str] = {
+    "promoted": "tier_promoted_blocks",
+    "promote_misses": "tier_promote_misses",
+    "integrity_failures": "tier_integrity_failures",
+    "demoted": "tier_demoted_blocks",
+    "demote_failed": "tier_demote_failed_blocks",
 }
 
 
