@@ -242,10 +242,13 @@ def run_rig_torture(
     capacity: str = "6MiB",
     seed: int = 0,
     coherence: str = "coherent",
+    min_host_kills: int = 0,
 ) -> dict[str, Any]:
     """Create pool ``name``; ``hosts`` hosts run torture workers; host 0 is killed whole (and a new
-    host 0, in a new namespace, started) every few seconds.  Then every host stops, the lease
-    passes, and this process recovers and checks exactly (see torture.py).  Destroys the pool."""
+    host 0, in a new namespace, started) every few seconds, for ``seconds`` and at least
+    ``min_host_kills`` times (a loaded machine starts hosts slowly, and a run that killed too few
+    tested less than it claims).  Then every host stops, the lease passes, and this process
+    recovers and checks exactly (see torture.py).  Destroys the pool."""
     from ..pool import Pool
     from ..spec import KVSpec
     from .torture import TortureReport, _check_round
@@ -278,7 +281,7 @@ def run_rig_torture(
 
             live = [start(i) for i in range(hosts)]
             end = time.monotonic() + seconds
-            while time.monotonic() < end:
+            while time.monotonic() < end or extra["host_kills"] < min_host_kills:
                 time.sleep(rng.uniform(*host_kill_every))
                 victim = live[0]
                 victim.wait_status(1, timeout=30)  # it got going (its driver reported its host id)

@@ -117,7 +117,7 @@ def test_torture_across_hosts_with_host_kills(tmp_path: Path, coherence: str, se
     functionally no-ops, but its code paths run under host kills."""
     seconds = float(os.environ.get("PYKVSHM_RIG_SECONDS", seconds))
     rep = run_rig_torture(unique_name("rig"), tmp_path, hosts=3, procs=2, seconds=seconds, lease=LEASE, seed=3,
-                          coherence=coherence)
+                          coherence=coherence, min_host_kills=3)
     assert rep["host_kills"] >= 3
     # Every namespace is a host of its own.  The kernel reuses the inode number of a dead PID
     # namespace, so a host started after a killed one may get the dead host's id: never while
