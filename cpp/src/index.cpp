@@ -267,11 +267,7 @@ bool Pool::withdraw(uint64_t i, uint32_t g) {
   return true;
 }
 
-size_t Pool::match(const uint8_t* keys, size_t n) {
-  if (sharded()) return match_sharded(keys, n);
-  Exclusive ex(this);
-  ensure_usable();
-  heartbeat();
+size_t Pool::sealed_prefix(const uint8_t* keys, size_t n) const {
   Found f;
   for (size_t i = 0; i < n; ++i) {
     uint64_t k0, k1;
@@ -281,11 +277,7 @@ size_t Pool::match(const uint8_t* keys, size_t n) {
   return n;
 }
 
-size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
-  if (sharded()) return reserve_sharded(keys, n, positions, handles);
-  Exclusive ex(this);
-  ensure_usable();
-  heartbeat();
+std::vector<size_t> Pool::missing_keys(const uint8_t* keys, size_t n) const {
   std::vector<size_t> missing;
   missing.reserve(n);
   Found f;
@@ -294,6 +286,31 @@ size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t
     load_key(keys, i, &k0, &k1);
     if (!lookup(k0, k1, false, &f)) missing.push_back(i);
   }
+  return missing;
+}
+
+void Pool::set_key(uint64_t index, uint64_t k0, uint64_t k1) {
+  BlockDesc& d = desc(index);
+  d.key[0].store(k0, std::memory_order_relaxed);
+  d.key[1].store(k1, std::memory_order_relaxed);
+  d.crc.store(0, std::memory_order_relaxed);
+  flush(&d, sizeof(BlockDesc));
+}
+
+size_t Pool::match(const uint8_t* keys, size_t n) {
+  if (sharded()) return match_sharded(keys, n);
+  Exclusive ex(this);
+  ensure_usable();
+  heartbeat();
+  return sealed_prefix(keys, n);
+}
+
+size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
+  if (sharded()) return reserve_sharded(keys, n, positions, handles);
+  Exclusive ex(this);
+  ensure_usable();
+  heartbeat();
+  const std::vector<size_t> missing = missing_keys(keys, n);
   add_counter(kCtrDuplicates, n - missing.size());
   if (missing.empty()) return 0;
   std::vector<uint64_t> got(missing.size());
@@ -305,11 +322,7 @@ size_t Pool::reserve(const uint8_t* keys, size_t n, int64_t* positions, uint64_t
     const uint32_t g = word::handle_gen(got[j]);
     uint64_t k0, k1;
     load_key(keys, i, &k0, &k1);
-    BlockDesc& d = desc(bi);
-    d.key[0].store(k0, std::memory_order_relaxed);
-    d.key[1].store(k1, std::memory_order_relaxed);
-    d.crc.store(0, std::memory_order_relaxed);
-    flush(&d, sizeof(BlockDesc));
+    set_key(bi, k0, k1);
     std::atomic_thread_fence(std::memory_order_release);
     Insert r = insert(k0, k1, bi, g);
     if (r == Insert::kInserted) {
@@ -778,27 +791,14 @@ size_t Pool::match_sharded(const uint8_t* keys, size_t n) {
   ensure_usable();
   // Lookups take no lock: every line they read is invalidated first and the key is
   // validated against the block's state (seqlock), as a read-only handle reads.
-  Found f;
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t k0, k1;
-    load_key(keys, i, &k0, &k1);
-    if (!lookup(k0, k1, true, &f)) return i;
-  }
-  return n;
+  return sealed_prefix(keys, n);
 }
 
 size_t Pool::reserve_sharded(const uint8_t* keys, size_t n, int64_t* positions, uint64_t* handles) {
   heartbeat();
   ensure_usable();
   // Which keys are missing (a hint, read without a lock; insert() decides under the index lock).
-  std::vector<size_t> missing;
-  missing.reserve(n);
-  Found f;
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t k0, k1;
-    load_key(keys, i, &k0, &k1);
-    if (!lookup(k0, k1, false, &f)) missing.push_back(i);
-  }
+  const std::vector<size_t> missing = missing_keys(keys, n);
   uint64_t present = n - missing.size(), index_full = 0, allocs = 0;
   std::vector<std::pair<size_t, uint64_t>> done;  // (key position, handle), inserted
   size_t next = 0;                                  // missing keys given a block so far
@@ -818,11 +818,7 @@ size_t Pool::reserve_sharded(const uint8_t* keys, size_t n, int64_t* positions, 
     for (size_t j = 0; j < have; ++j) {
       uint64_t k0, k1;
       load_key(keys, missing[next + j], &k0, &k1);
-      BlockDesc& d = desc(word::handle_index(got[j]));
-      d.key[0].store(k0, std::memory_order_relaxed);
-      d.key[1].store(k1, std::memory_order_relaxed);
-      d.crc.store(0, std::memory_order_relaxed);
-      flush(&d, sizeof(BlockDesc));
+      set_key(word::handle_index(got[j]), k0, k1);
     }
     std::atomic_thread_fence(std::memory_order_release);
     std::vector<uint64_t> unused;

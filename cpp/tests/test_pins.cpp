@@ -109,6 +109,19 @@ class PinsTest : public ::testing::Test {
     EXPECT_EQ(raw_.records_of(bslot_, &pos), 1u);
     return pos;
   }
+  // B's steps of a pin or unpin, written as B would have left them when it died: the journal
+  // entry (returns its sequence number), the record taken, the count changed with B's tag.
+  uint32_t b_journals(uint64_t op, uint64_t pos) {
+    const uint32_t seq = raw_.journal_seq(bslot_) + 1;
+    raw_.member(bslot_).pin_op.store(word::journal(seq, op, pos), std::memory_order_release);
+    return seq;
+  }
+  void b_takes_record(uint64_t pos) {
+    raw_.rec(pos).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  }
+  void b_changes_count(int delta, uint32_t seq) {
+    raw_.desc(block_).pins.store(word::pins(uint32_t(int64_t(raw_.count(block_)) + delta), bslot_, seq), std::memory_order_release);
+  }
   // Kill member slot s as a crash would: its handle unmaps without leaving, and the
   // slot's recorded start time no longer matches our process (a "reused pid").
   void kill(std::unique_ptr<Pool>& p) {
@@ -190,37 +203,33 @@ TEST_F(PinsTest, JournalSequenceGoesOnAcrossOccupantsOfASlot) {
 
 TEST_F(PinsTest, DiedAfterWritingThePinJournal) {
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
+  b_journals(word::kPinOpPin, q);
   kill(b_);
   recover_expect(0);
 }
 
 TEST_F(PinsTest, DiedAfterTakingTheRecord) {
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
   kill(b_);
   recover_expect(0);
 }
 
 TEST_F(PinsTest, DiedAfterRaisingTheCount) {
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
+  b_changes_count(+1, seq);
   kill(b_);
   recover_expect(1);
 }
 
 TEST_F(PinsTest, DiedAfterRaisingTheCountWhoseTagWasThenReplaced) {
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
+  b_changes_count(+1, seq);
   kill(b_);
   // Before anyone recovers B, A pins (its count change replaces B's tag) and keeps it.
   auto k = key(1);
@@ -243,26 +252,23 @@ TEST_F(PinsTest, DiedAfterMarkingTheRecordHeld) {
 
 TEST_F(PinsTest, DiedAfterWritingTheUnpinJournal) {
   const uint64_t p = b_pins();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpUnpin, p), std::memory_order_release);
+  b_journals(word::kPinOpUnpin, p);
   kill(b_);
   recover_expect(1);
 }
 
 TEST_F(PinsTest, DiedAfterLoweringTheCount) {
   const uint64_t p = b_pins();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpUnpin, p), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpUnpin, p);
+  b_changes_count(-1, seq);
   kill(b_);
   recover_expect(0);  // the record goes, the count is not lowered twice
 }
 
 TEST_F(PinsTest, DiedAfterLoweringTheCountWhoseTagWasThenReplaced) {
   const uint64_t p = b_pins();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpUnpin, p), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpUnpin, p);
+  b_changes_count(-1, seq);
   kill(b_);
   a_pins_and_unpins();
   recover_expect(0);
@@ -308,11 +314,10 @@ TEST_F(NoncoherentPinsTest, PinsAreCountedAndRecordedUnderShards) {
 TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWhoseTagWasThenReplaced) {
   const uint64_t q = free_record_of_block_shard();
   ASSERT_NE(q, ~0ull);
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  const uint64_t journal = word::journal(seq, word::kPinOpPin, q);
-  raw_.member(bslot_).pin_op.store(journal, std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpPin, q);
+  const uint64_t journal = raw_.member(bslot_).pin_op.load(std::memory_order_acquire);
+  b_takes_record(q);
+  b_changes_count(+1, seq);
   kill(b_);
   auto k = key(1);
   uint64_t h = 0;
@@ -329,10 +334,9 @@ TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWhoseTagWasThenReplaced) {
 
 TEST_F(NoncoherentPinsTest, DiedAfterLoweringTheCountWhoseTagWasThenReplaced) {
   const uint64_t p = b_pins();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  const uint64_t journal = word::journal(seq, word::kPinOpUnpin, p);
-  raw_.member(bslot_).pin_op.store(journal, std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpUnpin, p);
+  const uint64_t journal = raw_.member(bslot_).pin_op.load(std::memory_order_acquire);
+  b_changes_count(-1, seq);
   kill(b_);
   a_pins_and_unpins();
   EXPECT_EQ(raw_.member(bslot_).pin_op.load(std::memory_order_acquire), journal) << "A wrote B's member slot";
@@ -343,19 +347,17 @@ TEST_F(NoncoherentPinsTest, DiedAfterLoweringTheCountWhoseTagWasThenReplaced) {
 
 TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWithTheTagInPlace) {
   const uint64_t q = free_record_of_block_shard();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
+  b_changes_count(+1, seq);
   kill(b_);
   recover_expect(1);
 }
 
 TEST_F(PinsTest, DiedAfterFreeingTheRecord) {
   const uint64_t p = b_pins();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpUnpin, p), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpUnpin, p);
+  b_changes_count(-1, seq);
   raw_.rec(p).store(0, std::memory_order_release);
   kill(b_);
   recover_expect(0);
@@ -366,10 +368,9 @@ TEST_F(PinsTest, DiedAfterFreeingTheRecord) {
 TEST_F(PinsTest, CloseReleasesAPinInterruptedAfterRaisingTheCount) {
   b_pins();  // one known pin, released from the process's own table
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) + 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
+  b_changes_count(+1, seq);
   EXPECT_EQ(raw_.count(block_), 2u);
   b_->close();
   EXPECT_EQ(raw_.count(block_), 0u);
@@ -379,9 +380,8 @@ TEST_F(PinsTest, CloseReleasesAPinInterruptedAfterRaisingTheCount) {
 
 TEST_F(PinsTest, CloseDropsARecordWhosePinNeverLanded) {
   const uint64_t q = raw_.free_record();
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpPin, q), std::memory_order_release);
-  raw_.rec(q).store(word::pin_rec(bslot_, block_, false), std::memory_order_release);
+  b_journals(word::kPinOpPin, q);
+  b_takes_record(q);
   b_->close();
   EXPECT_EQ(raw_.count(block_), 0u);
   EXPECT_EQ(raw_.records_of(bslot_), 0u);
@@ -403,9 +403,8 @@ TEST_F(PinsTest, RecovererDiedMidUnpinIsTakenOverExactly) {
   ASSERT_EQ(word::member_status(bctl), kMemberAlive);
   raw_.member(bslot_).ctl.store(word::member(kMemberRecovering, word::member_epoch(bctl), word::recoverer(cslot, cepoch)),
                                 std::memory_order_release);
-  const uint32_t seq = raw_.journal_seq(bslot_) + 1;
-  raw_.member(bslot_).pin_op.store(word::journal(seq, word::kPinOpUnpin, p), std::memory_order_release);
-  raw_.desc(block_).pins.store(word::pins(raw_.count(block_) - 1, bslot_, seq), std::memory_order_release);
+  const uint32_t seq = b_journals(word::kPinOpUnpin, p);
+  b_changes_count(-1, seq);
   EXPECT_EQ(a_->recover().members_recovered, 0u) << "a live recoverer's claim was taken";
   kill(c_);
   RecoveryReport r = a_->recover();

@@ -429,6 +429,13 @@ class Pool {
   };
   enum class Insert { kInserted, kPresent, kFull };
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
+  // How many of the keys, from the first, are SEALED in the index (match's answer).
+  size_t sealed_prefix(const uint8_t* keys, size_t n) const;
+  // The positions of the keys not in the index in any state (reserve's work list; a hint
+  // where it is read without a lock: insert() decides).
+  std::vector<size_t> missing_keys(const uint8_t* keys, size_t n) const;
+  // A claimed block's descriptor takes its key (checksum cleared), written back.
+  void set_key(uint64_t index, uint64_t k0, uint64_t k1);
   Insert insert(uint64_t k0, uint64_t k1, uint64_t index, uint32_t gen);
   void remove_entry(uint64_t index, uint32_t gen);
   // A sealed block whose bytes failed their checksum: flag it, take it out of the index and free it
