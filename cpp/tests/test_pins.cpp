@@ -122,6 +122,13 @@ class PinsTest : public ::testing::Test {
   void b_changes_count(int delta, uint32_t seq) {
     raw_.desc(block_).pins.store(word::pins(uint32_t(int64_t(raw_.count(block_)) + delta), bslot_, seq), std::memory_order_release);
   }
+  // B leaves: no pin of it is counted or recorded afterwards, and the pool checks clean.
+  void b_closes_clean() {
+    b_->close();
+    EXPECT_EQ(raw_.count(block_), 0u);
+    EXPECT_EQ(raw_.records_of(bslot_), 0u);
+    a_->check(true);
+  }
   // Kill member slot s as a crash would: its handle unmaps without leaving, and the
   // slot's recorded start time no longer matches our process (a "reused pid").
   void kill(std::unique_ptr<Pool>& p) {
@@ -305,10 +312,7 @@ TEST_F(NoncoherentPinsTest, PinsAreCountedAndRecordedUnderShards) {
   ASSERT_EQ(raw_.sb()->lock_shards, 4u);
   b_pins();
   EXPECT_EQ(raw_.count(block_), 1u);
-  b_->close();
-  EXPECT_EQ(raw_.count(block_), 0u);
-  EXPECT_EQ(raw_.records_of(bslot_), 0u);
-  a_->check(true);
+  b_closes_clean();
 }
 
 TEST_F(NoncoherentPinsTest, DiedAfterRaisingTheCountWhoseTagWasThenReplaced) {
@@ -372,20 +376,14 @@ TEST_F(PinsTest, CloseReleasesAPinInterruptedAfterRaisingTheCount) {
   b_takes_record(q);
   b_changes_count(+1, seq);
   EXPECT_EQ(raw_.count(block_), 2u);
-  b_->close();
-  EXPECT_EQ(raw_.count(block_), 0u);
-  EXPECT_EQ(raw_.records_of(bslot_), 0u);
-  a_->check(true);
+  b_closes_clean();
 }
 
 TEST_F(PinsTest, CloseDropsARecordWhosePinNeverLanded) {
   const uint64_t q = raw_.free_record();
   b_journals(word::kPinOpPin, q);
   b_takes_record(q);
-  b_->close();
-  EXPECT_EQ(raw_.count(block_), 0u);
-  EXPECT_EQ(raw_.records_of(bslot_), 0u);
-  a_->check(true);
+  b_closes_clean();
 }
 
 // ---- the recoverer died (it works through the dead member's own journal) ----
