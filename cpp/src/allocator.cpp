@@ -140,20 +140,17 @@ void Pool::release_claims(const uint64_t* handles, size_t n) {
 }
 
 size_t Pool::alloc_in_shard(uint32_t sh, size_t want, bool evict, uint64_t* out, size_t have) {
-  int64_t hint = int64_t(hint_word(sh).load(std::memory_order_relaxed));
-  if (hint > 0) {
-    uint64_t got = scan_claim_free(sh, want, out, have);
+  const auto claim_free = [&] {
+    const uint64_t got = scan_claim_free(sh, want, out, have);
     have += got;
     hint_word(sh).fetch_sub(got, std::memory_order_relaxed);
-  }
+  };
+  const int64_t hint = int64_t(hint_word(sh).load(std::memory_order_relaxed));
+  if (hint > 0) claim_free();
   if (have < want && evict) have += scan_evict(sh, want, out, have);
-  if (have < want && hint <= 0) {
-    // Last resort when the hint said "nothing free" (it may be stale after a
-    // crash): one full pass over the states.
-    uint64_t got = scan_claim_free(sh, want, out, have);
-    have += got;
-    hint_word(sh).fetch_sub(got, std::memory_order_relaxed);
-  }
+  // Last resort when the hint said "nothing free" (it may be stale after a crash): one full
+  // pass over the states.
+  if (have < want && hint <= 0) claim_free();
   return have;
 }
 
@@ -239,6 +236,12 @@ void Pool::free(const uint64_t* handles, size_t n) {
   Exclusive ex(this);
   ensure_usable();
   heartbeat();
+  check_free(handles, n);
+  for (size_t j = 0; j < n; ++j) free_written(handles[j]);
+  hint_word(0).fetch_add(n, std::memory_order_relaxed);
+}
+
+void Pool::check_free(const uint64_t* handles, size_t n) const {
   std::vector<uint64_t> seen(handles, handles + n);
   std::sort(seen.begin(), seen.end());
   for (size_t j = 0; j < n; ++j) {
@@ -246,8 +249,6 @@ void Pool::free(const uint64_t* handles, size_t n) {
     if (j && seen[j] == seen[j - 1])
       raise(ErrorCode::kDoubleFree, "free: block " + std::to_string(word::handle_index(seen[j])) + " appears twice (double free)");
   }
-  for (size_t j = 0; j < n; ++j) free_written(handles[j]);
-  hint_word(0).fetch_add(n, std::memory_order_relaxed);
 }
 
 void Pool::free_written(uint64_t h) {
@@ -265,27 +266,30 @@ void Pool::free_written(uint64_t h) {
 void Pool::free_sharded(const uint64_t* handles, size_t n) {
   heartbeat();
   ensure_usable();
-  std::vector<uint64_t> seen(handles, handles + n);
-  std::sort(seen.begin(), seen.end());
-  std::vector<uint32_t> shard_of(n);
-  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  const std::vector<uint32_t> shard_of = handle_shards(handles, n);
   // Checked before anything is freed: under the one shard's lock when all the blocks lie
   // in one shard (the usual case), else without a lock -- a block this member is writing
   // changes state only by this member (or by a recoverer once it is declared dead, and
   // then the CAS below fails).
   std::optional<ShardHold> one;
-  if (n && std::all_of(shard_of.begin(), shard_of.end(), [&](uint32_t s) { return s == shard_of[0]; }))
-    one.emplace(this, shard_of[0]);
-  for (size_t j = 0; j < n; ++j) {
-    check_handle_owned(handles[j], kWriting, "free", true);
-    if (j && seen[j] == seen[j - 1])
-      raise(ErrorCode::kDoubleFree, "free: block " + std::to_string(word::handle_index(seen[j])) + " appears twice (double free)");
-  }
+  hold_if_one_shard(shard_of, one);
+  check_free(handles, n);
   for (const auto& [sh, group] : group_by_shard(shard_of)) {
     ShardHold hold(this, sh);
     for (size_t j : group) free_written(handles[j]);
     hint_word(sh).fetch_add(group.size(), std::memory_order_relaxed);
   }
+}
+
+std::vector<uint32_t> Pool::handle_shards(const uint64_t* handles, size_t n) const {
+  std::vector<uint32_t> shard_of(n);
+  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  return shard_of;
+}
+
+void Pool::hold_if_one_shard(const std::vector<uint32_t>& shard_of, std::optional<ShardHold>& hold) const {
+  if (!shard_of.empty() && std::all_of(shard_of.begin(), shard_of.end(), [&](uint32_t s) { return s == shard_of[0]; }))
+    hold.emplace(this, shard_of[0]);
 }
 
 std::vector<std::pair<uint32_t, std::vector<size_t>>> Pool::group_by_shard(const std::vector<uint32_t>& shard_of) const {

@@ -36,6 +36,15 @@ constexpr uint64_t kMaxTicket = 1ull << 62;
 void fresh(const void* p) noexcept { visibility::invalidate_range(p, 64); }
 void publish(const void* p) noexcept { visibility::flush_range(p, 64); }
 
+// A host line's bakery words, as a newly claimed line starts (its identity words aside).
+void clear_bakery(HostLine& l) noexcept {
+  l.ticket.store(0, std::memory_order_relaxed);
+  l.choosing.store(0, std::memory_order_relaxed);
+  l.local.store(0, std::memory_order_relaxed);
+  l.hold_ns.store(0, std::memory_order_relaxed);
+  l.hold_lease_ns.store(0, std::memory_order_relaxed);
+}
+
 uint64_t monotonic_ns() noexcept {
   return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
                       std::chrono::steady_clock::now().time_since_epoch())
@@ -203,21 +212,12 @@ void HostLock::join() {
     }
     if (pick < kLockHosts && !found_mine) {
       HostLine& l = host(pick);
-      l.ticket.store(0, std::memory_order_relaxed);
-      l.choosing.store(0, std::memory_order_relaxed);
-      l.local.store(0, std::memory_order_relaxed);
-      l.hold_ns.store(0, std::memory_order_relaxed);
-      l.hold_lease_ns.store(0, std::memory_order_relaxed);
+      clear_bakery(l);
       l.heartbeat_ns.store(t, std::memory_order_relaxed);
       // The line's bakery words in every lock shard belong to the new host now.
       for (uint32_t k = 0; k < nshard_lines_; ++k) {
-        HostLine& b = shard_lines_[k][pick];
-        b.ticket.store(0, std::memory_order_relaxed);
-        b.choosing.store(0, std::memory_order_relaxed);
-        b.local.store(0, std::memory_order_relaxed);
-        b.hold_ns.store(0, std::memory_order_relaxed);
-        b.hold_lease_ns.store(0, std::memory_order_relaxed);
-        publish(&b);
+        clear_bakery(shard_lines_[k][pick]);
+        publish(&shard_lines_[k][pick]);
       }
       l.host_id.store(host_id_, std::memory_order_release);
       publish(&l);

@@ -267,12 +267,13 @@ bool Pool::withdraw(uint64_t i, uint32_t g) {
   return true;
 }
 
-size_t Pool::sealed_prefix(const uint8_t* keys, size_t n) const {
+size_t Pool::sealed_prefix(const uint8_t* keys, size_t n, std::vector<Found>* found) const {
   Found f;
   for (size_t i = 0; i < n; ++i) {
     uint64_t k0, k1;
     load_key(keys, i, &k0, &k1);
     if (!lookup(k0, k1, true, &f)) return i;
+    if (found) found->push_back(f);
   }
   return n;
 }
@@ -859,12 +860,10 @@ size_t Pool::reserve_sharded(const uint8_t* keys, size_t n, int64_t* positions, 
 
 void Pool::commit_sharded(const uint64_t* handles, size_t n) {
   ensure_usable();
-  std::vector<uint32_t> shard_of(n);
-  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
+  const std::vector<uint32_t> shard_of = handle_shards(handles, n);
   // All checked before anything is sealed (under the shard's lock when there is one shard).
   std::optional<ShardHold> one;
-  if (n && std::all_of(shard_of.begin(), shard_of.end(), [&](uint32_t s) { return s == shard_of[0]; }))
-    one.emplace(this, shard_of[0]);
+  hold_if_one_shard(shard_of, one);
   for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "commit");
   for (const auto& [sh, group] : group_by_shard(shard_of)) {
     ShardHold hold(this, sh);
@@ -876,11 +875,8 @@ void Pool::commit_sharded(const uint64_t* handles, size_t n) {
 
 void Pool::abort_sharded(const uint64_t* handles, size_t n) {
   ensure_usable();
-  std::vector<uint32_t> shard_of(n);
-  for (size_t j = 0; j < n; ++j) {
-    check_handle_owned(handles[j], kWriting, "abort");
-    shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
-  }
+  for (size_t j = 0; j < n; ++j) check_handle_owned(handles[j], kWriting, "abort");
+  const std::vector<uint32_t> shard_of = handle_shards(handles, n);
   for (const auto& [sh, group] : group_by_shard(shard_of)) {
     ShardHold hold(this, sh);
     for (size_t j : group) {
@@ -899,14 +895,7 @@ size_t Pool::acquire_sharded(const uint8_t* keys, size_t n, uint64_t* out) {
   // come from one shard, so a request usually takes one lock.
   std::vector<Found> found;
   found.reserve(n);
-  Found f;
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t k0, k1;
-    load_key(keys, i, &k0, &k1);
-    if (!lookup(k0, k1, true, &f)) break;
-    found.push_back(f);
-  }
-  const size_t cand = found.size();
+  const size_t cand = sealed_prefix(keys, n, &found);
   std::vector<uint8_t> ok(cand, 0);
   std::vector<uint32_t> shard_of(cand);
   for (size_t i = 0; i < cand; ++i) shard_of[i] = shards_.block_shard(found[i].index);
@@ -919,6 +908,7 @@ size_t Pool::acquire_sharded(const uint8_t* keys, size_t n, uint64_t* out) {
     }
   }
   // A key whose block moved between lookup and pin: look once more (as with one lock).
+  Found f;
   size_t got = 0;
   for (; got < cand; ++got) {
     if (ok[got]) continue;
@@ -952,13 +942,11 @@ size_t Pool::acquire_sharded(const uint8_t* keys, size_t n, uint64_t* out) {
 void Pool::release_sharded(const uint64_t* handles, size_t n) {
   ensure_open();
   if (read_only_) raise_read_only();
-  std::vector<uint32_t> shard_of(n);
   {
     std::lock_guard<std::mutex> lk(pin_mu_);
     if (!check_release(handles, n)) return;
   }
-  for (size_t j = 0; j < n; ++j) shard_of[j] = shards_.block_shard(word::handle_index(handles[j]));
-  for (const auto& [sh, group] : group_by_shard(shard_of)) {
+  for (const auto& [sh, group] : group_by_shard(handle_shards(handles, n))) {
     ShardHold hold(this, sh);
     std::lock_guard<std::mutex> lk(pin_mu_);
     for (size_t j : group) unpin(word::handle_index(handles[j]));

@@ -190,14 +190,14 @@ void validate_superblock(const uint8_t* bytes, size_t n, uint64_t file_size, con
   for (uint8_t b : sb->reserved)
     if (b != 0 || sb->reserved32 != 0) raise(ErrorCode::kCorrupt, who + " has non-zero reserved superblock bytes");
   const uint32_t s = sb->lock_shards;
-  const uint32_t most = sb->coherence == uint32_t(Coherence::kNoncoherent) ? max_lock_shards(sb->num_blocks, sb->index_slots) : 1;
+  const uint32_t most = sb->coherence == uint32_t(Coherence::kNoncoherent) ? max_lock_shards(sb->num_blocks) : 1;
   if (s == 0 || (s & (s - 1)) != 0 || s > most)
     raise(ErrorCode::kCorrupt, who + " has " + std::to_string(s) + " lock shards; this pool allows a power of two up to " +
                                    std::to_string(most));
 }
 
-uint32_t max_lock_shards(uint64_t nblocks, uint64_t nslots) noexcept {
-  (void)nslots;  // the index has one lock of its own, whatever its size
+uint32_t max_lock_shards(uint64_t nblocks) noexcept {
+  // The index has one lock of its own, whatever its size.
   uint32_t s = 1;
   while (s < kMaxLockShards / 2 && uint64_t(s) * 2 * 64 <= nblocks) s *= 2;
   return s;

@@ -254,7 +254,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& name, const GeometryIn& gi
     sb->transfer_max_blocks = p.transfer_max_blocks;
     std::memcpy(sb->regions, p.regions, sizeof p.regions);
     {
-      const uint32_t most = opt.coherence == Coherence::kNoncoherent ? max_lock_shards(p.num_blocks, p.index_slots) : 1;
+      const uint32_t most = opt.coherence == Coherence::kNoncoherent ? max_lock_shards(p.num_blocks) : 1;
       uint32_t shards = opt.lock_shards == 0 ? std::min(most, 8u) : opt.lock_shards;
       if ((shards & (shards - 1)) != 0 || shards > most)
         raise(ErrorCode::kPool, "lock_shards must be a power of two up to " + std::to_string(most) +
@@ -504,42 +504,38 @@ void Pool::note_lock_wait(const HostLock& l) const noexcept {
   // Counted in our own slot (its line is ours; written back as we leave the lock); not
   // before the slot is ours (attach) nor in a read-only handle (it takes no lock).
   if (!l.waited() || read_only_ || epoch_ == 0 || !map_.base()) return;
-  auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
-  mine->counters[kCtrLockWaits].fetch_add(1, std::memory_order_relaxed);
+  own_slot()->counters[kCtrLockWaits].fetch_add(1, std::memory_order_relaxed);
 }
 
 void Pool::leave_exclusive() const noexcept {
-  // A holder that lost the lock writes nothing back: what it wrote before it
-  // noticed is older than what the new holder writes.
-  bool lost = false;
   if (--lock_depth_ == 0 && map_.base()) {
-    lost = !lock_.renew();
+    bool lost = !lock_.renew();
     for (uint32_t s = 0; sharded() && s <= shards_.shards; ++s) lost = !shard_locks_[s].renew() || lost;
-  }
-  if (lock_depth_ == 0 && map_.base() && lost) {
-    fenced_.store(true, std::memory_order_relaxed);
-    t_held.pool = nullptr;
-    for (uint32_t s = sharded() ? shards_.shards + 1 : 0; s > 0; --s) shard_locks_[s - 1].unlock();
-    lock_.unlock();  // only if `local` is still ours (then the line is ours to clear)
-  } else if (lock_depth_ == 0 && map_.base()) {
-    // Write back what this operation may have changed on the control page and in
-    // our own counters (the other lines are written back where they are written).
-    Control* c = ctl();
-    visibility::flush_range(&c->free_hint, 64);
-    visibility::flush_range(&c->clock_hand, 64);
-    visibility::flush_range(&c->channel_event, 64);
-    visibility::flush_range(c->retired, sizeof c->retired);
-    auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
-    visibility::flush_range(mine->counters, sizeof mine->counters);
-    for (uint32_t s = 0; sharded() && s < shards_.shards; ++s) {
-      visibility::flush_range(&shard_words(s).free_hint, 64);
-      visibility::flush_range(&shard_words(s).clock_hand, 64);
+    if (lost) {
+      // A holder that lost the lock writes nothing back: what it wrote before it
+      // noticed is older than what the new holder writes.
+      fenced_.store(true, std::memory_order_relaxed);
+    } else {
+      // Write back what this operation may have changed on the control page and in
+      // our own counters (the other lines are written back where they are written).
+      Control* c = ctl();
+      visibility::flush_range(&c->free_hint, 64);
+      visibility::flush_range(&c->clock_hand, 64);
+      visibility::flush_range(&c->channel_event, 64);
+      visibility::flush_range(c->retired, sizeof c->retired);
+      visibility::flush_range(own_slot()->counters, sizeof own_slot()->counters);
+      for (uint32_t s = 0; sharded() && s < shards_.shards; ++s) write_back_shard_words(s);
     }
     t_held.pool = nullptr;
     for (uint32_t s = sharded() ? shards_.shards + 1 : 0; s > 0; --s) shard_locks_[s - 1].unlock();
-    lock_.unlock();
+    lock_.unlock();  // each only if its `local` is still ours (then the line is ours to clear)
   }
   lock_mu_.unlock();
+}
+
+void Pool::write_back_shard_words(uint32_t s) const noexcept {
+  visibility::flush_range(&shard_words(s).free_hint, 64);
+  visibility::flush_range(&shard_words(s).clock_hand, 64);
 }
 
 bool Pool::enter_shard(uint32_t s) const {
@@ -588,12 +584,8 @@ void Pool::leave_shard(uint32_t s) const noexcept {
       // As in leave_exclusive: a holder that lost the lock writes nothing back.
       fenced_.store(true, std::memory_order_relaxed);
     } else if (map_.base()) {
-      if (!index) {
-        visibility::flush_range(&shard_words(s).free_hint, 64);
-        visibility::flush_range(&shard_words(s).clock_hand, 64);
-      }
-      auto* mine = reinterpret_cast<MemberSlot*>(map_.base() + members_off_) + slot_;
-      visibility::flush_range(mine->counters, sizeof mine->counters);
+      if (!index) write_back_shard_words(s);
+      visibility::flush_range(own_slot()->counters, sizeof own_slot()->counters);
     }
     if (!index) held_shard_ = -1;
     if (held_shard_ < 0 && index_depth_ == 0) t_held.pool = nullptr;
@@ -623,7 +615,7 @@ HostLock* Pool::guarding_lock(const void* p) const noexcept {
     return &shard_locks_[uint32_t(s)];
   // This member's own slot (its pin journal): written only by this member, and by a recoverer
   // only once the member is judged dead, so the lock this thread holds fences the writes.
-  const uint8_t* slot = map_.base() + members_off_ + uint64_t(slot_) * sizeof(MemberSlot);  // no refresh here
+  const auto* slot = reinterpret_cast<const uint8_t*>(own_slot());  // no refresh here
   const auto* q = reinterpret_cast<const uint8_t*>(p);
   if (s < 0 && q >= slot && q < slot + sizeof(MemberSlot)) {
     if (held_shard_ >= 0) return &shard_locks_[uint32_t(held_shard_)];

@@ -447,7 +447,7 @@ TEST_F(SuperblockTest, LockShards) {
   }
   auto nc = good_;
   sb(nc)->coherence = uint32_t(Coherence::kNoncoherent);
-  const uint32_t most = max_lock_shards(sb(nc)->num_blocks, sb(nc)->index_slots);
+  const uint32_t most = max_lock_shards(sb(nc)->num_blocks);
   ASSERT_GE(most, 2u);
   for (uint32_t ok = 1; ok <= most; ok *= 2) {
     sb(nc)->lock_shards = ok;

@@ -23,7 +23,7 @@ TEST(ShardMap, OneShardIsTheWholeIndex) {
 // start on a state-array cache line (8 blocks) so that no line holds two shards' words.
 TEST(ShardMap, BlockRangesPartitionThePoolOnLineBoundaries) {
   for (uint64_t n : {1024ull, 1031ull, 4097ull, 55296ull}) {
-    for (uint32_t s = 2; s <= max_lock_shards(n, 4 * n); s *= 2) {
+    for (uint32_t s = 2; s <= max_lock_shards(n); s *= 2) {
       const ShardMap m = ShardMap::make(s, n, 4 * n);
       uint64_t next = 0;
       for (uint32_t k = 0; k < s; ++k) {
@@ -61,9 +61,9 @@ TEST(ShardMap, IndexIsOneRangeUnderItsOwnLock) {
 }
 
 TEST(ShardMap, MaxShardsNeedsRoomPerShard) {
-  EXPECT_EQ(max_lock_shards(63, 1024), 1u);
-  EXPECT_EQ(max_lock_shards(128, 1024), 2u);
-  EXPECT_EQ(max_lock_shards(300, 1024), 4u);
+  EXPECT_EQ(max_lock_shards(63), 1u);
+  EXPECT_EQ(max_lock_shards(128), 2u);
+  EXPECT_EQ(max_lock_shards(300), 4u);
   // At most half the shard table: the index lock takes an entry after the block shards.
-  EXPECT_EQ(max_lock_shards(1 << 20, 1 << 21), layout::kMaxLockShards / 2);
+  EXPECT_EQ(max_lock_shards(1 << 20), layout::kMaxLockShards / 2);
 }

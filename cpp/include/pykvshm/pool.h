@@ -350,6 +350,7 @@ class Pool {
     return reinterpret_cast<layout::ShardTable*>(map_.base() + ctl_off_ + sizeof(layout::Control))->shards[s];
   }
   Atomic64& hint_word(uint32_t s) const;   // FREE-block hint of data shard s (the pool's, unsharded)
+  void write_back_shard_words(uint32_t s) const noexcept;  // data shard s's free hint and CLOCK hand
   Atomic64& clock_word(uint32_t s) const;  // CLOCK hand of data shard s
   uint32_t home_shard() const noexcept { return shards_.shards > 1 ? slot_ % shards_.shards : 0; }
   size_t alloc_in_shard(uint32_t s, size_t want, bool evict, uint64_t* out, size_t have);
@@ -367,6 +368,10 @@ class Pool {
   size_t acquire_finish(const uint8_t* keys, size_t n, uint64_t* out, size_t got);
   // Positions 0..n-1 grouped by shard (ascending), each group in its original order.
   std::vector<std::pair<uint32_t, std::vector<size_t>>> group_by_shard(const std::vector<uint32_t>& shard_of) const;
+  std::vector<uint32_t> handle_shards(const uint64_t* handles, size_t n) const;  // each handle's block shard
+  // Checks of a call whose blocks all lie in one shard (the usual case) run under that shard's
+  // lock; otherwise (or with no blocks) nothing is held (`hold` stays empty).
+  void hold_if_one_shard(const std::vector<uint32_t>& shard_of, std::optional<ShardHold>& hold) const;
   void write_back_metadata() const noexcept;  // after taking over from a dead holder of this host
   bool noncoherent() const { return coherence_ == layout::Coherence::kNoncoherent; }
   // Before a block we wrote changes hands: write its bytes back, so that dirty
@@ -403,10 +408,11 @@ class Pool {
   // under the block's lock, the journal is not).
   void change_pins(uint64_t i, int delta, uint32_t slot, uint32_t seq);
   void help_landed(uint64_t block, uint64_t pins_word);
-  void seal(uint64_t handle);
+  void seal(uint64_t handle);          // commit's step for one checked block of ours (under its lock)
   void free_written(uint64_t handle);  // free's step for one checked block of ours (under its lock)
+  void check_free(const uint64_t* handles, size_t n) const;  // free's checks: ours, WRITING, no double free
   // release's checks (caller holds pin_mu_); false: no longer a member, pins forgotten locally.
-  bool check_release(const uint64_t* handles, size_t n);  // commit's step for one checked block of ours (under its lock)
+  bool check_release(const uint64_t* handles, size_t n);
   void note_lock_wait(const HostLock& l) const noexcept;  // counts kCtrLockWaits after a lock() that waited
   uint32_t next_pin_seq(uint32_t slot);  // the slot's journal sequence number after the last one
   // Recovery of slot s's pins (s dead and claimed by us, or s == slot_ leaving):
@@ -430,7 +436,8 @@ class Pool {
   enum class Insert { kInserted, kPresent, kFull };
   bool lookup(uint64_t k0, uint64_t k1, bool sealed_only, Found* f) const;
   // How many of the keys, from the first, are SEALED in the index (match's answer).
-  size_t sealed_prefix(const uint8_t* keys, size_t n) const;
+  // With `found`, also where each of them is (what acquire pins).
+  size_t sealed_prefix(const uint8_t* keys, size_t n, std::vector<Found>* found = nullptr) const;
   // The positions of the keys not in the index in any state (reserve's work list; a hint
   // where it is read without a lock: insert() decides).
   std::vector<size_t> missing_keys(const uint8_t* keys, size_t n) const;
@@ -463,6 +470,11 @@ class Pool {
     auto* m = reinterpret_cast<layout::MemberSlot*>(map_.base() + members_off_) + i;
     fresh(m, 64);
     return m;
+  }
+  // This member's own slot, not refreshed: its counters are written only by this member, and
+  // the lock code must not refresh (it would renew the lock it is taking or leaving).
+  layout::MemberSlot* own_slot() const noexcept {
+    return reinterpret_cast<layout::MemberSlot*>(map_.base() + members_off_) + slot_;
   }
   Atomic64& state(uint64_t i) const {
     auto* w = reinterpret_cast<Atomic64*>(map_.base() + states_off_) + i;
