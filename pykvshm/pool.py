@@ -253,16 +253,13 @@ class Pool:
             raise ValueError(f"coherence must be 'coherent' or 'noncoherent', got {coherence!r}")
         node, host = _placement_options(numa_node, host_id)
         cap = parse_size(capacity)
-        if lock_shards is None:
-            shards = 0
-        elif isinstance(lock_shards, bool) or not isinstance(lock_shards, int) or not 1 <= lock_shards <= 8:
-            raise ValueError(f"lock_shards must be None or a power of two from 1 to 8, got {lock_shards!r}")
-        elif lock_shards & (lock_shards - 1):
-            raise ValueError(f"lock_shards must be a power of two, got {lock_shards}")
-        elif coherence != "noncoherent" and lock_shards != 1:
-            raise ValueError("lock_shards applies to noncoherent pools only (a coherent pool has no lock)")
-        else:
-            shards = lock_shards
+        shards = 0  # None: the core's default
+        if lock_shards is not None:
+            shards = _int_option("lock_shards", lock_shards, 1, 8, "None or a power of two from 1 to 8")
+            if shards & (shards - 1):
+                raise ValueError(f"lock_shards must be a power of two, got {lock_shards}")
+            if coherence != "noncoherent" and shards != 1:
+                raise ValueError("lock_shards applies to noncoherent pools only (a coherent pool has no lock)")
         if cap > _MAX_CAPACITY:
             raise ValueError(f"capacity {cap} bytes is larger than a pool can be (at most 2**62 bytes)")
 
